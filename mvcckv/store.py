@@ -1,0 +1,975 @@
+"""The MVCC store: one writer applying logged requests, many readers.
+
+Write path (group commit)::
+
+    caller threads ──propose()──► queue ──► writer thread:
+                                              append every queued request to the WAL
+                                              one fsync for the whole batch
+                                              apply each request in order
+                                                (index + one LMDB write txn)
+                                              commit (with consistent_index)
+                                              resolve the callers' futures
+
+A request is validated before it is queued (a bad request never reaches
+the WAL) and acknowledged only after its record is on disk and applied.
+The WAL holds requests, not results; applying is deterministic, so a
+replay after a crash reproduces the same revisions and the same hash.
+
+Read path: a reader takes ``_lock`` (held by the writer only while it
+applies, never while it fsyncs), looks the revisions up in the treeIndex
+and reads their values from LMDB, both at the published revision.
+
+Locks, always taken in this order:
+
+* ``_wlock``    — the one LMDB writer: the writer thread's apply, the
+  compactor's delete batches, defrag.
+* ``_swap_lock`` — keeps the LMDB environment from being swapped (defrag)
+  under a long read (snapshot, hash) or a checkpoint.
+* ``_lock``     — index and published state (revision, compact revision).
+
+Compaction (§7): the Compact request sets the compact revision at apply
+time (reads below it fail from then on) and persists it as scheduled; a
+background thread then compacts the index in chunks and deletes the dead
+backend entries in batches, so writers are never paused for more than one
+chunk or batch.  An interrupted compaction resumes on open.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Callable
+
+import crc32c
+
+from mvcckv import errors, txn as txnmod, validate
+from mvcckv.backend import (
+    ALARM,
+    DEFAULT_QUOTA,
+    META_CLUSTER_ID,
+    META_CONSISTENT_INDEX,
+    META_FINISHED_COMPACT,
+    META_MEMBER_ID,
+    META_SCHEDULED_COMPACT,
+    Backend,
+    decode_u64,
+    encode_u64,
+)
+from mvcckv.hash import HASH_HISTORY, KeyValueHash, KVHasher
+from mvcckv.index import RevisionNotFoundError, TreeIndex
+from mvcckv.pb import kv_pb2
+from mvcckv.pb import rpc_pb2 as pb
+from mvcckv.revision import REV_BYTES_LEN, from_bytes, is_tombstone, main_prefix, to_bytes
+from mvcckv.wal import WAL
+
+log = logging.getLogger("mvcckv.store")
+
+# WAL record types: one per logged request kind.
+KIND_PUT = 1
+KIND_DELETE_RANGE = 2
+KIND_TXN = 3
+KIND_COMPACT = 4
+KIND_ALARM = 5
+
+_REQUEST_TYPES = {
+    KIND_PUT: pb.PutRequest,
+    KIND_DELETE_RANGE: pb.DeleteRangeRequest,
+    KIND_TXN: pb.TxnRequest,
+    KIND_COMPACT: pb.CompactionRequest,
+    KIND_ALARM: pb.AlarmRequest,
+}
+
+# What a logged request costs on top of its own bytes (record header);
+# compared with max_request_bytes as etcd compares its raft entry.
+REQUEST_OVERHEAD = 64
+DEFAULT_MAX_REQUEST_BYTES = 1536 * 1024
+DEFAULT_MAX_TXN_OPS = 128
+
+_MAX_BATCH = 512
+_WORK = 0  # queue item kind: a callable run on the writer thread
+
+
+@dataclass(frozen=True)
+class Options:
+    quota_bytes: int = DEFAULT_QUOTA
+    max_txn_ops: int = DEFAULT_MAX_TXN_OPS
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    # Turning fsync off trades durability for speed (etcd's
+    # --unsafe-no-fsync); only for tests and benchmarks.
+    fsync: bool = True
+    wal_segment_bytes: int = 64 * 1024 * 1024
+    compaction_batch_limit: int = 1000
+    compaction_sleep: float = 0.01
+    index_compaction_chunk: int = 10000
+    checkpoint_interval: float = 5.0
+    member_id: int = 0
+
+
+@dataclass(frozen=True)
+class StoreStatus:
+    revision: int
+    compact_revision: int
+    db_size: int
+    db_size_in_use: int
+    keys: int
+    raft_index: int
+    applied_index: int
+
+
+class _ReadView:
+    """A consistent read of the store at one revision (see txn.py)."""
+
+    __slots__ = ("_store", "_txn", "begin_rev", "first_rev")
+
+    def __init__(self, store: "Store", txn, rev: int, first_rev: int):
+        self._store = store
+        self._txn = txn
+        self.begin_rev = rev
+        self.first_rev = first_rev
+
+    @property
+    def rev(self) -> int:
+        return self.begin_rev
+
+    def range_keys(self, key: bytes, end: bytes, at_rev: int, limit: int, count_only: bool):
+        """(kvs, count, header revision) of keys in range at ``at_rev``."""
+        cur = self.rev
+        if at_rev > cur:
+            raise errors.FutureRevisionError()
+        rev = cur if at_rev <= 0 else at_rev
+        if rev < self.first_rev:
+            raise errors.CompactedError()
+        index = self._store._index
+        if count_only:
+            return [], index.range_count(key, end, rev), cur
+        _, revs, total = index.range(key, end, rev, limit)
+        if not revs:
+            return [], total, cur
+        get = self._txn.get
+        db = self._store._backend.key_db
+        parse = kv_pb2.KeyValue.FromString
+        return [parse(get(to_bytes(r), db=db)) for r in revs], total, cur
+
+    def lease_exists(self, lease_id: int) -> bool:
+        return self._store._lease_exists(lease_id)
+
+
+class _WriteView(_ReadView):
+    """A write transaction: one new main revision if anything changes."""
+
+    __slots__ = ("changes",)
+
+    def __init__(self, store: "Store", txn):
+        super().__init__(store, txn, store._current, store._compact_rev)
+        self.changes: list[tuple[bool, kv_pb2.KeyValue]] = []
+
+    @property
+    def rev(self) -> int:
+        return self.begin_rev + 1 if self.changes else self.begin_rev
+
+    def put(self, key: bytes, value: bytes, lease: int) -> int:
+        store = self._store
+        rev = self.begin_rev + 1
+        try:
+            _, created, ver = store._index.get(key, rev)
+            create_rev = created.main
+        except RevisionNotFoundError:
+            create_rev, ver = rev, 0
+            store._live_keys += 1
+        sub = len(self.changes)
+        kv = kv_pb2.KeyValue(
+            key=key, create_revision=create_rev, mod_revision=rev, version=ver + 1, value=value, lease=lease
+        )
+        self._txn.put(to_bytes((rev, sub)), kv.SerializeToString(), db=store._backend.key_db)
+        store._index.put(key, rev, sub)
+        self.changes.append((False, kv))
+        return rev
+
+    def delete_range(self, key: bytes, end: bytes) -> tuple[int, int]:
+        keys, _, _ = self._store._index.range(key, end, self.rev, 0)
+        for k in keys:
+            self._delete(k)
+        if keys or self.changes:
+            return len(keys), self.begin_rev + 1
+        return 0, self.begin_rev
+
+    def _delete(self, key: bytes) -> None:
+        store = self._store
+        rev = self.begin_rev + 1
+        sub = len(self.changes)
+        self._txn.put(
+            to_bytes((rev, sub), tombstone=True),
+            kv_pb2.KeyValue(key=key).SerializeToString(),
+            db=store._backend.key_db,
+        )
+        store._index.tombstone(key, rev, sub)
+        store._live_keys -= 1
+        # Watchers see a DELETE carrying the key and the deletion revision.
+        self.changes.append((True, kv_pb2.KeyValue(key=key, mod_revision=rev)))
+
+    def end(self) -> None:
+        if self.changes:
+            self._store._current = self.begin_rev + 1
+
+
+class Store:
+    """An etcd-semantics MVCC key-value store in a data directory.
+
+    Thread-safe.  Use :func:`mvcckv.open` for the public constructor.
+    """
+
+    def __init__(self, path: str, options: Options | None = None):
+        self.path = os.path.abspath(path)
+        self.options = options or Options()
+        os.makedirs(self.path, exist_ok=True)
+        self._wlock = threading.Lock()
+        self._swap_lock = threading.Lock()
+        self._lock = threading.Lock()
+        self._closed = False
+        self._fatal: BaseException | None = None
+        self._hashes: list[KeyValueHash] = []
+        self._queue: queue.Queue = queue.Queue()
+        self._jobs: queue.Queue = queue.Queue()
+        self._alarms: set[tuple[int, int]] = set()
+        self._backend = Backend(os.path.join(self.path, "db"), quota_bytes=self.options.quota_bytes)
+        self._index = TreeIndex()
+        self._current = 1
+        self._compact_rev = -1
+        self._scheduled_compact_rev = -1
+        self._live_keys = 0
+        self._applied_index = 0
+        self._restore()
+        self._wal = WAL.open(
+            os.path.join(self.path, "wal"),
+            first_index=self._applied_index + 1,
+            segment_bytes=self.options.wal_segment_bytes,
+        )
+        self._replay()
+        self._durable_index = self._applied_index
+        self._released_index = 0
+        self._writer = threading.Thread(target=self._run_writer, name="mvcckv-writer", daemon=True)
+        self._background = threading.Thread(target=self._run_background, name="mvcckv-background", daemon=True)
+        self._writer.start()
+        self._background.start()
+        if self._scheduled_compact_rev > self._finished_compact_rev:
+            log.info("resuming interrupted compaction at revision %d", self._scheduled_compact_rev)
+            self._jobs.put(("compact", self._scheduled_compact_rev, self._finished_compact_rev, False, None))
+
+    # ------------------------------------------------------------------
+    # opening: rebuild the index from the backend, then replay the WAL
+
+    def _restore(self) -> None:
+        be = self._backend
+        with be.begin_read() as txn:
+            ci = txn.get(META_CONSISTENT_INDEX, db=be.meta_db)
+            self._applied_index = decode_u64(ci) if ci else 0
+            sched = txn.get(META_SCHEDULED_COMPACT, db=be.meta_db)
+            fin = txn.get(META_FINISHED_COMPACT, db=be.meta_db)
+            self._scheduled_compact_rev = from_bytes(sched).main if sched else -1
+            self._finished_compact_rev = from_bytes(fin).main if fin else -1
+            self._compact_rev = self._finished_compact_rev
+            current = 1
+            restore = self._index.restore
+            parse = kv_pb2.KeyValue.FromString
+            for k, v in txn.cursor(db=be.key_db):
+                main, sub = from_bytes(k)
+                kv = parse(v)
+                restore(kv.key, main, sub, len(k) > REV_BYTES_LEN, kv.create_revision, kv.version)
+                if main > current:
+                    current = main
+            for k, _ in txn.cursor(db=be.dbs[ALARM]):
+                am = pb.AlarmMember.FromString(k)
+                self._alarms.add((am.memberID, am.alarm))
+        # Compaction may have removed the newest revisions (a tombstone);
+        # the revision must never go backwards.
+        self._current = max(current, self._finished_compact_rev, self._scheduled_compact_rev)
+        self._live_keys = self._index.range_count(b"\0", b"\0", self._current)
+
+    def _replay(self) -> None:
+        batch = []
+        for index, kind, payload in self._wal.replay(self._applied_index):
+            batch.append((index, kind, payload))
+            if len(batch) >= _MAX_BATCH:
+                self._apply_logged(batch)
+                batch = []
+        if batch:
+            self._apply_logged(batch)
+
+    def _apply_logged(self, batch) -> None:
+        with self._wlock:
+            txn = self._backend.begin_write()
+            with self._lock:
+                for index, kind, payload in batch:
+                    try:
+                        self._apply(txn, kind, _REQUEST_TYPES[kind].FromString(payload))
+                    except errors.MvccError:
+                        pass  # it failed the same way when first applied
+                txn.put(META_CONSISTENT_INDEX, encode_u64(batch[-1][0]), db=self._backend.meta_db)
+                txn.commit()
+                self._applied_index = batch[-1][0]
+        self._after_commit([])
+
+    # ------------------------------------------------------------------
+    # writes
+
+    def propose(self, kind: int, req) -> Future:
+        """Validate and queue a logged request; the future resolves to its response.
+
+        Raises the request's error at once when it fails a static check.
+        """
+        self._check_open()
+        if kind == KIND_PUT:
+            self._check_quota(validate.put_cost(req))
+            validate.check_put(req)
+        elif kind == KIND_DELETE_RANGE:
+            validate.check_delete(req)
+        elif kind == KIND_TXN:
+            self._check_quota(validate.txn_put_cost(req))
+            validate.check_txn(req, self.options.max_txn_ops)
+        if kind in (KIND_PUT, KIND_DELETE_RANGE, KIND_TXN, KIND_COMPACT):
+            self._check_corrupt()
+        data = req.SerializeToString()
+        if len(data) + REQUEST_OVERHEAD > self.options.max_request_bytes:
+            raise errors.RequestTooLargeError()
+        fut: Future = Future()
+        self._queue.put((kind, data, req, fut))
+        return fut
+
+    def _check_quota(self, cost: int) -> None:
+        quota = self.options.quota_bytes
+        if cost == 0 or quota <= 0:
+            return
+        if self._backend.size() + cost < quota:
+            return
+        if (self.options.member_id, pb.NOSPACE) not in self._alarms:
+            alarm = pb.AlarmRequest(action=pb.AlarmRequest.ACTIVATE, memberID=self.options.member_id, alarm=pb.NOSPACE)
+            self.propose(KIND_ALARM, alarm).result()
+        raise errors.NoSpaceError()
+
+    def _check_corrupt(self) -> None:
+        if any(a == pb.CORRUPT for _, a in self._alarms):
+            raise errors.CorruptError()
+
+    def _check_open(self) -> None:
+        if self._fatal is not None:
+            raise errors.StoppedError(f"etcdserver: server stopped: {self._fatal}")
+        if self._closed:
+            raise errors.StoppedError()
+
+    def _run_writer(self) -> None:
+        q = self._queue
+        while True:
+            item = q.get()
+            if item is None:
+                return
+            batch = [item]
+            stop = False
+            while len(batch) < _MAX_BATCH:
+                try:
+                    nxt = q.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    stop = True
+                    break
+                batch.append(nxt)
+            try:
+                self._write_batch(batch)
+            except BaseException as e:  # noqa: BLE001 - the store must stop, not limp on
+                log.exception("writer failed; the store stops accepting writes")
+                self._fatal = e
+                for _, _, _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(errors.StoppedError())
+                self._drain_failed()
+                return
+            if stop:
+                return
+
+    def _drain_failed(self) -> None:
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if item is not None:
+                item[3].set_exception(errors.StoppedError())
+
+    def _write_batch(self, batch) -> None:
+        logged = []
+        for kind, data, req, fut in batch:
+            if kind == _WORK:
+                continue
+            logged.append((self._wal.append(kind, data), kind, req, fut))
+        if logged and self.options.fsync:
+            self._wal.sync()
+        results = []
+        changes = []
+        if logged:
+            with self._wlock:
+                txn = self._backend.begin_write()
+                try:
+                    with self._lock:
+                        for index, kind, req, fut in logged:
+                            try:
+                                resp = self._apply(txn, kind, req, changes)
+                                results.append((fut, resp, None))
+                            except errors.MvccError as e:
+                                results.append((fut, None, e))
+                        txn.put(META_CONSISTENT_INDEX, encode_u64(logged[-1][0]), db=self._backend.meta_db)
+                        txn.commit()
+                        self._applied_index = logged[-1][0]
+                except BaseException:
+                    txn.abort()
+                    raise
+        for fut, resp, err in results:
+            if fut is None:
+                continue
+            if err is not None:
+                fut.set_exception(err)
+            elif isinstance(resp, _Deferred):
+                resp.chain(fut)
+            else:
+                fut.set_result(resp)
+        for kind, _, work, fut in batch:
+            if kind == _WORK:
+                try:
+                    fut.set_result(work())
+                except BaseException as e:  # noqa: BLE001 - handed to the caller
+                    fut.set_exception(e)
+        self._after_commit(changes)
+
+    def _after_commit(self, changes) -> None:
+        """Runs on the writer thread after each commit."""
+        if self._durable_index > self._released_index:
+            self._wal.release(self._durable_index)
+            self._released_index = self._durable_index
+
+    def _apply(self, txn, kind: int, req, changes: list | None = None):
+        """Apply one logged request; must be deterministic.
+
+        Every check that can fail runs before the first change is made, so a
+        request that raises leaves nothing behind.
+        """
+        if kind == KIND_PUT:
+            if self._has_alarm(pb.NOSPACE):
+                raise errors.NoSpaceError()
+            view = _WriteView(self, txn)
+            resp = txnmod.apply_put(view, req)
+        elif kind == KIND_DELETE_RANGE:
+            view = _WriteView(self, txn)
+            resp = txnmod.execute_delete(view, req)
+        elif kind == KIND_TXN:
+            if self._has_alarm(pb.NOSPACE) and validate.txn_put_cost(req) > 0:
+                raise errors.NoSpaceError()
+            view = _WriteView(self, txn)
+            resp = txnmod.apply_txn(view, req)
+        elif kind == KIND_COMPACT:
+            return self._apply_compact(txn, req)
+        elif kind == KIND_ALARM:
+            return self._apply_alarm(txn, req)
+        else:
+            raise errors.StorageError(f"unknown WAL record type {kind}")
+        view.end()
+        if changes is not None and view.changes:
+            changes.append((view.begin_rev + 1, view.changes))
+        return resp
+
+    # ------------------------------------------------------------------
+    # compaction
+
+    def _apply_compact(self, txn, req: pb.CompactionRequest):
+        rev = req.revision
+        if rev <= self._compact_rev:
+            raise errors.CompactedError()
+        if rev > self._current:
+            raise errors.FutureRevisionError()
+        prev = self._compact_rev
+        prev_completed = self._scheduled_compact_rev == self._finished_compact_rev
+        self._compact_rev = rev
+        self._scheduled_compact_rev = rev
+        txn.put(META_SCHEDULED_COMPACT, to_bytes((rev, 0)), db=self._backend.meta_db)
+        resp = pb.CompactionResponse()
+        resp.header.revision = self._current
+        deferred = _Deferred(resp) if req.physical else None
+        self._jobs.put(("compact", rev, prev, prev_completed, deferred))
+        return deferred if deferred is not None else resp
+
+    def _compact(self, rev: int, prev: int, prev_completed: bool) -> KeyValueHash | None:
+        keep: set = set()
+        steps = self._index.compact_steps(rev, keep, chunk=self.options.index_compaction_chunk)
+        while True:
+            with self._lock:
+                if next(steps, _DONE) is _DONE:
+                    break
+        be = self._backend
+        end = main_prefix(rev + 1)
+        hasher = KVHasher(prev, rev, keep)
+        last = b""
+        limit = self.options.compaction_batch_limit
+        while True:
+            if self._closed:
+                return None
+            with self._wlock:
+                txn = be.begin_write()
+                try:
+                    cur = txn.cursor(db=be.key_db)
+                    ok = cur.set_range(last) if last else cur.first()
+                    n = 0
+                    while ok and n < limit:
+                        k = cur.key()
+                        if k >= end:
+                            ok = False
+                            break
+                        hasher.write(k, cur.value())
+                        n += 1
+                        last = k + b"\x00"
+                        if from_bytes(k) in keep:
+                            ok = cur.next()
+                        else:
+                            ok = cur.delete()
+                    finished = not ok or n < limit
+                    if finished:
+                        txn.put(META_FINISHED_COMPACT, to_bytes((rev, 0)), db=be.meta_db)
+                    txn.commit()
+                except BaseException:
+                    txn.abort()
+                    raise
+            if finished:
+                break
+            self._maybe_checkpoint()
+            time.sleep(self.options.compaction_sleep)
+        with self._lock:
+            self._finished_compact_rev = max(self._finished_compact_rev, rev)
+        h = hasher.result()
+        if prev_completed:
+            self._hashes.append(h)
+            self._hashes.sort(key=lambda x: x.revision)
+            del self._hashes[:-HASH_HISTORY]
+        log.info("finished compaction at revision %d (hash %d)", rev, h.hash)
+        return h
+
+    # ------------------------------------------------------------------
+    # background thread: compaction jobs and checkpoints
+
+    def _run_background(self) -> None:
+        interval = self.options.checkpoint_interval
+        while True:
+            try:
+                job = self._jobs.get(timeout=interval)
+            except queue.Empty:
+                job = ("checkpoint",)
+            if job is None:
+                return
+            try:
+                if job[0] == "compact":
+                    _, rev, prev, prev_completed, deferred = job
+                    done = self._compact(rev, prev, prev_completed)
+                    if deferred is not None:
+                        if done is None:
+                            deferred.future.set_exception(errors.StoppedError())
+                        else:
+                            deferred.future.set_result(deferred.response)
+                self._maybe_checkpoint(force=job[0] == "checkpoint")
+            except BaseException:  # noqa: BLE001 - keep the thread alive, say why
+                log.exception("background job %r failed", job[0])
+                if job[0] == "compact" and job[4] is not None and not job[4].future.done():
+                    job[4].future.set_exception(errors.StoppedError())
+
+    _last_checkpoint = 0.0
+
+    def _maybe_checkpoint(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last_checkpoint < self.options.checkpoint_interval:
+            return
+        self.checkpoint()
+
+    def checkpoint(self) -> None:
+        """Make the backend durable so the WAL it covers can be released."""
+        with self._swap_lock:
+            applied = self._applied_index
+            self._backend.checkpoint()
+            self._durable_index = max(self._durable_index, applied)
+            self._last_checkpoint = time.monotonic()
+
+    # ------------------------------------------------------------------
+    # alarms
+
+    def _has_alarm(self, alarm: int) -> bool:
+        return any(a == alarm for _, a in self._alarms)
+
+    def _apply_alarm(self, txn, req: pb.AlarmRequest):
+        resp = pb.AlarmResponse()
+        resp.header.revision = self._current
+        db = self._backend.dbs[ALARM]
+        if req.action == pb.AlarmRequest.GET:
+            for mid, a in sorted(self._alarms):
+                if req.alarm == pb.NONE or req.alarm == a:
+                    resp.alarms.add(memberID=mid, alarm=a)
+        elif req.action == pb.AlarmRequest.ACTIVATE:
+            if req.alarm != pb.NONE:
+                m = pb.AlarmMember(memberID=req.memberID, alarm=req.alarm)
+                self._alarms.add((req.memberID, req.alarm))
+                txn.put(m.SerializeToString(), b"", db=db)
+                resp.alarms.append(m)
+        elif req.action == pb.AlarmRequest.DEACTIVATE:
+            if (req.memberID, req.alarm) in self._alarms:
+                m = pb.AlarmMember(memberID=req.memberID, alarm=req.alarm)
+                self._alarms.discard((req.memberID, req.alarm))
+                txn.delete(m.SerializeToString(), db=db)
+                resp.alarms.append(m)
+        return resp
+
+    def alarms(self) -> list[tuple[int, int]]:
+        """Active alarms as (member ID, AlarmType) pairs."""
+        return sorted(self._alarms)
+
+    # ------------------------------------------------------------------
+    # leases: a lease subsystem attaches here; without one no lease exists.
+
+    def _lease_exists(self, lease_id: int) -> bool:
+        return False
+
+    # ------------------------------------------------------------------
+    # reads
+
+    def range_request(self, req: pb.RangeRequest) -> pb.RangeResponse:
+        validate.check_range(req)
+        self._check_open()
+        self._check_corrupt()
+        with self._lock:
+            txn = self._backend.begin_read()
+            try:
+                return txnmod.execute_range(_ReadView(self, txn, self._current, self._compact_rev), req)
+            finally:
+                txn.abort()
+
+    def txn_request(self, req: pb.TxnRequest) -> pb.TxnResponse:
+        """A Txn: read-only ones are answered at once, others are logged."""
+        if validate.txn_is_read_only(req):
+            self._check_open()
+            self._check_corrupt()
+            validate.check_txn(req, self.options.max_txn_ops)
+            with self._lock:
+                txn = self._backend.begin_read()
+                try:
+                    return txnmod.apply_txn(_ReadView(self, txn, self._current, self._compact_rev), req)
+                finally:
+                    txn.abort()
+        return self.propose(KIND_TXN, req).result()
+
+    def get_kv(self, key: bytes, revision: int = 0) -> kv_pb2.KeyValue | None:
+        """The KeyValue of ``key`` at ``revision`` (0 = current), or None."""
+        self._check_open()
+        with self._lock:
+            cur = self._current
+            if revision > cur:
+                raise errors.FutureRevisionError()
+            rev = cur if revision <= 0 else revision
+            if rev < self._compact_rev:
+                raise errors.CompactedError()
+            try:
+                mod, _, _ = self._index.get(key, rev)
+            except RevisionNotFoundError:
+                return None
+            with self._backend.begin_read() as txn:
+                data = txn.get(to_bytes(mod), db=self._backend.key_db)
+        return kv_pb2.KeyValue.FromString(data)
+
+    @property
+    def revision(self) -> int:
+        """The current revision: that of the last change (1 for an empty store)."""
+        return self._current
+
+    @property
+    def compact_revision(self) -> int:
+        """The last compaction's revision, -1 if never compacted."""
+        return self._compact_rev
+
+    # ------------------------------------------------------------------
+    # the embedded API: etcd's requests as keyword arguments
+
+    def put(
+        self,
+        key: bytes | str,
+        value: bytes | str = b"",
+        *,
+        lease: int = 0,
+        prev_kv: bool = False,
+        ignore_value: bool = False,
+        ignore_lease: bool = False,
+    ) -> pb.PutResponse:
+        """Put ``key`` = ``value``; returns etcd's PutResponse.
+
+        >>> import mvcckv, tempfile
+        >>> with mvcckv.open(tempfile.mkdtemp()) as store:
+        ...     store.put("greeting", "hello").header.revision
+        2
+        """
+        req = pb.PutRequest(
+            key=_b(key), value=_b(value), lease=lease, prev_kv=prev_kv,
+            ignore_value=ignore_value, ignore_lease=ignore_lease,
+        )
+        return self.propose(KIND_PUT, req).result()
+
+    def get(self, key: bytes | str, *, revision: int = 0) -> kv_pb2.KeyValue | None:
+        """The KeyValue of one key at ``revision`` (0 = current), or None.
+
+        >>> import mvcckv, tempfile
+        >>> with mvcckv.open(tempfile.mkdtemp()) as store:
+        ...     _ = store.put(b"k", b"v1"); _ = store.put(b"k", b"v2")
+        ...     kv = store.get(b"k")
+        ...     (kv.value, kv.version, kv.create_revision, kv.mod_revision)
+        (b'v2', 2, 2, 3)
+        """
+        return self.get_kv(_b(key), revision)
+
+    def range(
+        self,
+        key: bytes | str,
+        range_end: bytes | str = b"",
+        *,
+        revision: int = 0,
+        limit: int = 0,
+        sort_order: int = 0,
+        sort_target: int = 0,
+        keys_only: bool = False,
+        count_only: bool = False,
+        min_mod_revision: int = 0,
+        max_mod_revision: int = 0,
+        min_create_revision: int = 0,
+        max_create_revision: int = 0,
+    ) -> pb.RangeResponse:
+        """etcd's Range: keys in ``[key, range_end)`` (see :func:`prefix_end`)."""
+        req = pb.RangeRequest(
+            key=_b(key), range_end=_b(range_end), revision=revision, limit=limit,
+            sort_order=sort_order, sort_target=sort_target, keys_only=keys_only,
+            count_only=count_only, min_mod_revision=min_mod_revision,
+            max_mod_revision=max_mod_revision, min_create_revision=min_create_revision,
+            max_create_revision=max_create_revision,
+        )
+        return self.range_request(req)
+
+    def delete(self, key: bytes | str, range_end: bytes | str = b"", *, prev_kv: bool = False) -> pb.DeleteRangeResponse:
+        """etcd's DeleteRange; deleting nothing creates no revision."""
+        req = pb.DeleteRangeRequest(key=_b(key), range_end=_b(range_end), prev_kv=prev_kv)
+        return self.propose(KIND_DELETE_RANGE, req).result()
+
+    def txn(self, compare=(), success=(), failure=()) -> pb.TxnResponse:
+        """etcd's Txn; build compares and ops with :mod:`mvcckv.ops`.
+
+        >>> import mvcckv, tempfile
+        >>> from mvcckv import ops
+        >>> with mvcckv.open(tempfile.mkdtemp()) as store:
+        ...     r = store.txn([ops.version("lock") == 0], [ops.put("lock", "me")], [ops.get("lock")])
+        ...     r.succeeded, store.get("lock").value
+        (True, b'me')
+        """
+        return self.txn_request(pb.TxnRequest(compare=list(compare), success=list(success), failure=list(failure)))
+
+    def compact(self, revision: int, *, physical: bool = False) -> pb.CompactionResponse:
+        """Drop history before ``revision``; with ``physical`` wait until the
+        backend entries are gone too."""
+        return self.propose(KIND_COMPACT, pb.CompactionRequest(revision=revision, physical=physical)).result()
+
+    def alarm(self, action: int, alarm: int = 0, member_id: int | None = None) -> pb.AlarmResponse:
+        """etcd's Alarm (GET / ACTIVATE / DEACTIVATE)."""
+        mid = self.options.member_id if member_id is None else member_id
+        return self.propose(KIND_ALARM, pb.AlarmRequest(action=action, alarm=alarm, memberID=mid)).result()
+
+    # ------------------------------------------------------------------
+    # hashes
+
+    def hash_kv(self, revision: int = 0) -> tuple[KeyValueHash, int]:
+        """etcd's HashKV: (hash of history up to revision, current revision)."""
+        self._check_open()
+        with self._swap_lock:
+            with self._lock:
+                compact_rev, current = self._compact_rev, self._current
+                if 0 < revision < compact_rev:
+                    raise errors.CompactedError()
+                if revision > current:
+                    raise errors.FutureRevisionError()
+                rev = current if revision <= 0 else revision
+                for h in self._hashes:
+                    if h.revision == rev:
+                        return h, current
+                keep = self._index.keep(rev)
+                txn = self._backend.begin_read()
+            try:
+                hasher = KVHasher(compact_rev, rev, keep)
+                end = main_prefix(rev + 1)
+                for k, v in txn.cursor(db=self._backend.key_db):
+                    if k >= end:
+                        break
+                    hasher.write(k, v)
+            finally:
+                txn.abort()
+        return hasher.result(), current
+
+    def hash(self) -> tuple[int, int]:
+        """CRC-32C over every database (name, keys, values), as etcd's Hash.
+
+        Implementation-specific: it matches another mvcckv store with the
+        same contents, not etcd's bbolt file.  WAL bookkeeping in ``meta``
+        is left out, as etcd leaves out its consistent index.
+        """
+        self._check_open()
+        skip = {META_CONSISTENT_INDEX}
+        with self._swap_lock:
+            with self._lock:
+                current = self._current
+                txn = self._backend.begin_read()
+            try:
+                h = 0
+                for name in sorted(self._backend.dbs):
+                    h = crc32c.crc32c(name, h)
+                    for k, v in txn.cursor(db=self._backend.dbs[name]):
+                        if name == b"meta" and k in skip:
+                            continue
+                        h = crc32c.crc32c(v, crc32c.crc32c(k, h))
+            finally:
+                txn.abort()
+        return h, current
+
+    # ------------------------------------------------------------------
+    # maintenance
+
+    def status(self) -> StoreStatus:
+        with self._lock:
+            rev, crev, keys, applied = self._current, self._compact_rev, self._live_keys, self._applied_index
+        return StoreStatus(
+            revision=rev,
+            compact_revision=crev,
+            db_size=self._backend.size(),
+            db_size_in_use=self._backend.size_in_use(),
+            keys=keys,
+            raft_index=self._wal.last_index,
+            applied_index=applied,
+        )
+
+    def defrag(self) -> tuple[int, int]:
+        """Rewrite the backend file without free space; (size before, after).
+
+        Reads are served throughout; writes wait until the swap is done.
+        """
+        self._check_open()
+        with self._wlock:
+            return self._backend.defrag(_Both(self._swap_lock, self._lock))
+
+    def snapshot(self, fd: int) -> None:
+        """Write a consistent copy of the backend to ``fd`` (writes go on)."""
+        self._check_open()
+        with self._swap_lock:
+            self._backend.copy_to(fd)
+
+    def run_on_writer(self, fn: Callable[[], object]) -> Future:
+        """Run ``fn`` on the writer thread between batches (ordered with writes)."""
+        self._check_open()
+        fut: Future = Future()
+        self._queue.put((_WORK, None, fn, fut))
+        return fut
+
+    def identity(self, cluster_id: int, member_id: int) -> tuple[int, int]:
+        """The data dir's (cluster ID, member ID), recording these on first use."""
+
+        def ensure():
+            be = self._backend
+            with self._wlock:
+                with be.begin_write() as txn:
+                    cid = txn.get(META_CLUSTER_ID, db=be.meta_db)
+                    mid = txn.get(META_MEMBER_ID, db=be.meta_db)
+                    if cid is None or mid is None:
+                        txn.put(META_CLUSTER_ID, encode_u64(cluster_id), db=be.meta_db)
+                        txn.put(META_MEMBER_ID, encode_u64(member_id), db=be.meta_db)
+                        return cluster_id, member_id
+                    return decode_u64(cid), decode_u64(mid)
+
+        return self.run_on_writer(ensure).result()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._queue.put(None)
+        self._writer.join()
+        self._jobs.put(None)
+        self._background.join()
+        self._drain_failed()
+        try:
+            self.checkpoint()
+            if self._durable_index > self._released_index:
+                self._wal.release(self._durable_index)
+        finally:
+            self._wal.close()
+            self._backend.close()
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class _Deferred:
+    """A response whose future resolves later (a physical compaction)."""
+
+    __slots__ = ("response", "future")
+
+    def __init__(self, response):
+        self.response = response
+        self.future: Future = Future()
+
+    def chain(self, caller: Future) -> None:
+        def done(f: Future) -> None:
+            if f.exception() is not None:
+                caller.set_exception(f.exception())
+            else:
+                caller.set_result(f.result())
+
+        self.future.add_done_callback(done)
+
+
+class _Both:
+    """Context manager taking two locks in order."""
+
+    __slots__ = ("_a", "_b")
+
+    def __init__(self, a, b):
+        self._a, self._b = a, b
+
+    def __enter__(self):
+        self._a.acquire()
+        self._b.acquire()
+
+    def __exit__(self, *exc):
+        self._b.release()
+        self._a.release()
+
+
+_DONE = object()
+
+
+def _b(v: bytes | str) -> bytes:
+    return v.encode() if isinstance(v, str) else v
+
+
+def prefix_end(prefix: bytes | str) -> bytes:
+    """The range_end selecting every key that starts with ``prefix``.
+
+    >>> prefix_end(b"aa"), prefix_end(b"a\\xff"), prefix_end(b"\\xff")
+    (b'ab', b'b', b'\\x00')
+    """
+    p = bytearray(_b(prefix))
+    while p:
+        if p[-1] < 0xFF:
+            p[-1] += 1
+            return bytes(p)
+        p.pop()
+    # Every byte was 0xff: no upper bound, i.e. all keys >= prefix.
+    return b"\0"
