@@ -39,6 +39,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import secrets
 import threading
 import time
 from concurrent.futures import Future
@@ -51,6 +52,7 @@ from mvcckv import errors, txn as txnmod, validate
 from mvcckv.backend import (
     ALARM,
     DEFAULT_QUOTA,
+    LEASE,
     META_CLUSTER_ID,
     META_CONSISTENT_INDEX,
     META_FINISHED_COMPACT,
@@ -62,6 +64,7 @@ from mvcckv.backend import (
 )
 from mvcckv.hash import HASH_HISTORY, KeyValueHash, KVHasher
 from mvcckv.index import RevisionNotFoundError, TreeIndex
+from mvcckv.lease import DEFAULT_MIN_TTL, Lessor, lease_key
 from mvcckv.pb import kv_pb2
 from mvcckv.pb import rpc_pb2 as pb
 from mvcckv.revision import REV_BYTES_LEN, from_bytes, is_tombstone, main_prefix, to_bytes
@@ -75,6 +78,9 @@ KIND_DELETE_RANGE = 2
 KIND_TXN = 3
 KIND_COMPACT = 4
 KIND_ALARM = 5
+KIND_LEASE_GRANT = 6
+KIND_LEASE_REVOKE = 7
+KIND_LEASE_CHECKPOINT = 8
 
 _REQUEST_TYPES = {
     KIND_PUT: pb.PutRequest,
@@ -82,6 +88,9 @@ _REQUEST_TYPES = {
     KIND_TXN: pb.TxnRequest,
     KIND_COMPACT: pb.CompactionRequest,
     KIND_ALARM: pb.AlarmRequest,
+    KIND_LEASE_GRANT: pb.LeaseGrantRequest,
+    KIND_LEASE_REVOKE: pb.LeaseRevokeRequest,
+    KIND_LEASE_CHECKPOINT: pb.LeaseCheckpointRequest,
 }
 
 # What a logged request costs on top of its own bytes (record header);
@@ -89,6 +98,9 @@ _REQUEST_TYPES = {
 REQUEST_OVERHEAD = 64
 DEFAULT_MAX_REQUEST_BYTES = 1536 * 1024
 DEFAULT_MAX_TXN_OPS = 128
+
+# etcd charges a lease grant this much against the space quota.
+LEASE_GRANT_COST = 64
 
 _MAX_BATCH = 512
 _WORK = 0  # queue item kind: a callable run on the writer thread
@@ -108,6 +120,14 @@ class Options:
     index_compaction_chunk: int = 10000
     checkpoint_interval: float = 5.0
     member_id: int = 0
+    min_lease_ttl: int = DEFAULT_MIN_TTL
+    # How often expired leases are looked for, and after how long a revoke
+    # that has not been applied is asked for again (etcd: 500 ms, 7 s).
+    lease_expiry_tick: float = 0.5
+    lease_revoke_retry: float = 7.0
+    # How often aged leases record their remaining TTL, so a restart resumes
+    # their countdown instead of granting a full TTL again.
+    lease_checkpoint_interval: float = 300.0
 
 
 @dataclass(frozen=True)
@@ -178,8 +198,9 @@ class _WriteView(_ReadView):
         try:
             _, created, ver = store._index.get(key, rev)
             create_rev = created.main
+            old_lease = store._lessor.lease_of(key)
         except RevisionNotFoundError:
-            create_rev, ver = rev, 0
+            create_rev, ver, old_lease = rev, 0, 0
             store._live_keys += 1
         sub = len(self.changes)
         kv = kv_pb2.KeyValue(
@@ -188,6 +209,11 @@ class _WriteView(_ReadView):
         self._txn.put(to_bytes((rev, sub)), kv.SerializeToString(), db=store._backend.key_db)
         store._index.put(key, rev, sub)
         self.changes.append((False, kv))
+        if old_lease != lease:
+            if old_lease:
+                store._lessor.detach(key)
+            if lease:
+                store._lessor.attach(lease, key)
         return rev
 
     def delete_range(self, key: bytes, end: bytes) -> tuple[int, int]:
@@ -209,6 +235,7 @@ class _WriteView(_ReadView):
         )
         store._index.tombstone(key, rev, sub)
         store._live_keys -= 1
+        store._lessor.detach(key)
         # Watchers see a DELETE carrying the key and the deletion revision.
         self.changes.append((True, kv_pb2.KeyValue(key=key, mod_revision=rev)))
 
@@ -238,6 +265,8 @@ class Store:
         self._alarms: set[tuple[int, int]] = set()
         self._backend = Backend(os.path.join(self.path, "db"), quota_bytes=self.options.quota_bytes)
         self._index = TreeIndex()
+        self._lessor = Lessor(min_ttl=self.options.min_lease_ttl)
+        self._listeners: list[Callable[[list], None]] = []
         self._current = 1
         self._compact_rev = -1
         self._scheduled_compact_rev = -1
@@ -250,6 +279,7 @@ class Store:
             segment_bytes=self.options.wal_segment_bytes,
         )
         self._replay()
+        self._lessor.promote()
         self._durable_index = self._applied_index
         self._released_index = 0
         self._writer = threading.Thread(target=self._run_writer, name="mvcckv-writer", daemon=True)
@@ -276,12 +306,22 @@ class Store:
             current = 1
             restore = self._index.restore
             parse = kv_pb2.KeyValue.FromString
+            key_lease: dict[bytes, int] = {}
             for k, v in txn.cursor(db=be.key_db):
                 main, sub = from_bytes(k)
                 kv = parse(v)
-                restore(kv.key, main, sub, len(k) > REV_BYTES_LEN, kv.create_revision, kv.version)
+                tomb = len(k) > REV_BYTES_LEN
+                restore(kv.key, main, sub, tomb, kv.create_revision, kv.version)
+                # A key's lease is the one its newest revision carries.
+                if tomb or not kv.lease:
+                    key_lease.pop(kv.key, None)
+                else:
+                    key_lease[kv.key] = kv.lease
                 if main > current:
                     current = main
+            stored = [v for _, v in txn.cursor(db=be.dbs[LEASE])]
+            for key in self._lessor.recover(stored, key_lease):
+                log.warning("key %r is attached to an unknown lease; left unattached", key)
             for k, _ in txn.cursor(db=be.dbs[ALARM]):
                 am = pb.AlarmMember.FromString(k)
                 self._alarms.add((am.memberID, am.alarm))
@@ -331,6 +371,8 @@ class Store:
         elif kind == KIND_TXN:
             self._check_quota(validate.txn_put_cost(req))
             validate.check_txn(req, self.options.max_txn_ops)
+        elif kind == KIND_LEASE_GRANT:
+            self._check_quota(LEASE_GRANT_COST)
         if kind in (KIND_PUT, KIND_DELETE_RANGE, KIND_TXN, KIND_COMPACT):
             self._check_corrupt()
         data = req.SerializeToString()
@@ -446,6 +488,12 @@ class Store:
 
     def _after_commit(self, changes) -> None:
         """Runs on the writer thread after each commit."""
+        if changes:
+            for fn in self._listeners:
+                try:
+                    fn(changes)
+                except Exception:  # noqa: BLE001 - a listener must not stop writes
+                    log.exception("commit listener failed")
         if self._durable_index > self._released_index:
             self._wal.release(self._durable_index)
             self._released_index = self._durable_index
@@ -473,6 +521,13 @@ class Store:
             return self._apply_compact(txn, req)
         elif kind == KIND_ALARM:
             return self._apply_alarm(txn, req)
+        elif kind == KIND_LEASE_GRANT:
+            return self._apply_lease_grant(txn, req)
+        elif kind == KIND_LEASE_REVOKE:
+            view = _WriteView(self, txn)
+            resp = self._apply_lease_revoke(view, txn, req)
+        elif kind == KIND_LEASE_CHECKPOINT:
+            return self._apply_lease_checkpoint(txn, req)
         else:
             raise errors.StorageError(f"unknown WAL record type {kind}")
         view.end()
@@ -558,15 +613,24 @@ class Store:
     # background thread: compaction jobs and checkpoints
 
     def _run_background(self) -> None:
-        interval = self.options.checkpoint_interval
+        tick = min(self.options.lease_expiry_tick, self.options.checkpoint_interval)
+        next_lease_cp = time.monotonic() + self.options.lease_checkpoint_interval
         while True:
             try:
-                job = self._jobs.get(timeout=interval)
+                job = self._jobs.get(timeout=tick)
             except queue.Empty:
-                job = ("checkpoint",)
+                job = ("tick",)
             if job is None:
                 return
             try:
+                if job[0] == "tick":
+                    if not self._closed and self._fatal is None:
+                        self._expire_leases()
+                        if time.monotonic() >= next_lease_cp:
+                            next_lease_cp = time.monotonic() + self.options.lease_checkpoint_interval
+                            self._checkpoint_leases()
+                    self._maybe_checkpoint()
+                    continue
                 if job[0] == "compact":
                     _, rev, prev, prev_completed, deferred = job
                     done = self._compact(rev, prev, prev_completed)
@@ -575,7 +639,7 @@ class Store:
                             deferred.future.set_exception(errors.StoppedError())
                         else:
                             deferred.future.set_result(deferred.response)
-                self._maybe_checkpoint(force=job[0] == "checkpoint")
+                self._maybe_checkpoint()
             except BaseException:  # noqa: BLE001 - keep the thread alive, say why
                 log.exception("background job %r failed", job[0])
                 if job[0] == "compact" and job[4] is not None and not job[4].future.done():
@@ -630,10 +694,120 @@ class Store:
         return sorted(self._alarms)
 
     # ------------------------------------------------------------------
-    # leases: a lease subsystem attaches here; without one no lease exists.
+    # leases (see lease.py: logged changes here, clock in the background)
 
     def _lease_exists(self, lease_id: int) -> bool:
-        return False
+        return lease_id in self._lessor.leases
+
+    def _apply_lease_grant(self, txn, req: pb.LeaseGrantRequest):
+        if self._has_alarm(pb.NOSPACE):
+            raise errors.NoSpaceError()
+        lease = self._lessor.grant(req.ID, req.TTL)
+        txn.put(lease_key(lease.id), lease.encode(), db=self._backend.dbs[LEASE])
+        resp = pb.LeaseGrantResponse(ID=lease.id, TTL=lease.ttl)
+        resp.header.revision = self._current
+        return resp
+
+    def _apply_lease_revoke(self, view: "_WriteView", txn, req: pb.LeaseRevokeRequest):
+        # Every attached key is deleted in this one write: one revision, one
+        # sub revision per key in key order.
+        for key in self._lessor.revoke(req.ID):
+            view.delete_range(key, b"")
+        txn.delete(lease_key(req.ID), db=self._backend.dbs[LEASE])
+        resp = pb.LeaseRevokeResponse()
+        resp.header.revision = view.rev
+        return resp
+
+    def _apply_lease_checkpoint(self, txn, req: pb.LeaseCheckpointRequest):
+        db = self._backend.dbs[LEASE]
+        for cp in req.checkpoints:
+            lease = self._lessor.checkpoint(cp.ID, cp.remaining_TTL)
+            if lease is not None:
+                txn.put(lease_key(lease.id), lease.encode(), db=db)
+        resp = pb.LeaseCheckpointResponse()
+        resp.header.revision = self._current
+        return resp
+
+    def lease_grant(self, ttl: int, lease_id: int = 0) -> pb.LeaseGrantResponse:
+        """Grant a lease of ``ttl`` seconds (raised to the minimum TTL);
+        ``lease_id`` 0 lets the store pick a fresh positive ID."""
+        return self.propose(KIND_LEASE_GRANT, self.new_lease_request(ttl, lease_id)).result()
+
+    def new_lease_request(self, ttl: int, lease_id: int = 0) -> pb.LeaseGrantRequest:
+        # The ID is chosen before logging so that replay grants the same one.
+        if lease_id == 0:
+            while lease_id == 0 or lease_id in self._lessor.leases:
+                lease_id = secrets.randbits(63)
+        return pb.LeaseGrantRequest(TTL=ttl, ID=lease_id)
+
+    def lease_revoke(self, lease_id: int) -> pb.LeaseRevokeResponse:
+        """Revoke a lease, deleting its keys in one revision."""
+        return self.propose(KIND_LEASE_REVOKE, pb.LeaseRevokeRequest(ID=lease_id)).result()
+
+    def lease_keepalive(self, lease_id: int) -> int:
+        """Renew a lease; its TTL, or 0 if it does not exist or has expired."""
+        self._check_open()
+        with self._lock:
+            lease = self._lessor.lookup(lease_id)
+            had_checkpoint = lease is not None and lease.remaining_ttl > 0
+            ttl = self._lessor.renew(lease_id)
+        if ttl and had_checkpoint:
+            # The recorded remaining TTL no longer holds; log that, or a
+            # restart would resume the old countdown.
+            cp = pb.LeaseCheckpointRequest(checkpoints=[pb.LeaseCheckpoint(ID=lease_id, remaining_TTL=0)])
+            self.propose(KIND_LEASE_CHECKPOINT, cp)
+        return ttl
+
+    def lease_ttl(self, lease_id: int, keys: bool = False) -> pb.LeaseTimeToLiveResponse:
+        """etcd's LeaseTimeToLive; an unknown lease answers TTL -1."""
+        self._check_open()
+        resp = pb.LeaseTimeToLiveResponse(ID=lease_id)
+        with self._lock:
+            resp.header.revision = self._current
+            lease = self._lessor.lookup(lease_id)
+            if lease is None:
+                resp.TTL = -1
+                return resp
+            resp.TTL = int(self._lessor.remaining(lease_id))
+            resp.grantedTTL = lease.ttl
+            if keys:
+                resp.keys.extend(sorted(lease.keys))
+        return resp
+
+    def leases(self) -> pb.LeaseLeasesResponse:
+        """All lease IDs, soonest to expire first."""
+        self._check_open()
+        resp = pb.LeaseLeasesResponse()
+        with self._lock:
+            resp.header.revision = self._current
+            for lease in self._lessor.by_expiry():
+                resp.leases.add(ID=lease.id)
+        return resp
+
+    def _expire_leases(self) -> None:
+        with self._lock:
+            expired = self._lessor.expired(500, self.options.lease_revoke_retry)
+        for lid in expired:
+            self.propose(KIND_LEASE_REVOKE, pb.LeaseRevokeRequest(ID=lid))
+
+    def _checkpoint_leases(self) -> None:
+        with self._lock:
+            due = self._lessor.due_checkpoints(1000)
+        if due:
+            cps = [pb.LeaseCheckpoint(ID=lid, remaining_TTL=rem) for lid, rem in due]
+            self.propose(KIND_LEASE_CHECKPOINT, pb.LeaseCheckpointRequest(checkpoints=cps))
+
+    # ------------------------------------------------------------------
+    # commit listeners (watch)
+
+    def add_commit_listener(self, fn: Callable[[list], None]) -> None:
+        """Call ``fn(changes)`` on the writer thread after every commit that
+        changed keys; ``changes`` is a list of (revision, [(is_delete,
+        KeyValue), ...]) in revision order.  ``fn`` must not block."""
+        self._listeners.append(fn)
+
+    def remove_commit_listener(self, fn: Callable[[list], None]) -> None:
+        self._listeners.remove(fn)
 
     # ------------------------------------------------------------------
     # reads

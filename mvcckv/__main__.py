@@ -1,0 +1,5 @@
+import sys
+
+from mvcckv.cli import main
+
+sys.exit(main())
