@@ -267,6 +267,7 @@ class Store:
         self._index = TreeIndex()
         self._lessor = Lessor(min_ttl=self.options.min_lease_ttl)
         self._listeners: list[Callable[[list], None]] = []
+        self._watch_hub = None
         self._current = 1
         self._compact_rev = -1
         self._scheduled_compact_rev = -1
@@ -798,6 +799,94 @@ class Store:
             self.propose(KIND_LEASE_CHECKPOINT, pb.LeaseCheckpointRequest(checkpoints=cps))
 
     # ------------------------------------------------------------------
+    # watch
+
+    @property
+    def watch_hub(self):
+        """The store's WatchHub (created on first use)."""
+        hub = self._watch_hub
+        if hub is None:
+            from mvcckv.watch import WatchHub
+
+            with self._lock:
+                if self._watch_hub is None:
+                    self._watch_hub = WatchHub(self)
+                hub = self._watch_hub
+        return hub
+
+    def watch(
+        self,
+        key: bytes | str,
+        range_end: bytes | str = b"",
+        *,
+        start_revision: int = 0,
+        prev_kv: bool = False,
+        filters=(),
+    ):
+        """Watch a key or range; returns a :class:`mvcckv.watch.WatchIterator`
+        yielding etcd's WatchResponse messages (iterate, or ``async for``).
+
+        >>> import mvcckv, tempfile
+        >>> with mvcckv.open(tempfile.mkdtemp()) as store:
+        ...     _ = store.put("k", "v1")
+        ...     with store.watch("k", start_revision=1) as w:
+        ...         _ = store.put("k", "v2")
+        ...         [(e.kv.value, e.kv.mod_revision) for r in w.take(2) for e in r.events]
+        [(b'v1', 2), (b'v2', 3)]
+        """
+        from mvcckv.watch import WatchIterator
+
+        return WatchIterator(
+            self.watch_hub, _b(key), _b(range_end), start_revision, prev_kv=prev_kv, filters=filters
+        )
+
+    def prev_kv(self, key: bytes, revision: int) -> kv_pb2.KeyValue | None:
+        """The KeyValue of ``key`` at ``revision`` if still known (watch prev_kv)."""
+        try:
+            return self.get_kv(key, revision)
+        except (errors.CompactedError, errors.FutureRevisionError):
+            return None
+
+    def read_changes(self, low: int, max_revisions: int):
+        """Changes of revisions >= ``low`` from the backend, for watch catch-up.
+
+        Returns ``(changes, current, upto)``: ``changes`` is a list of
+        (revision, [(is_delete, KeyValue), ...]) covering at most
+        ``max_revisions`` revisions, ``current`` the store's revision when
+        read, ``upto`` the last revision covered (``current`` unless cut).
+        """
+        with self._swap_lock:
+            with self._lock:
+                cur = self._current
+                txn = self._backend.begin_read()
+            try:
+                changes: list = []
+                upto = cur
+                parse = kv_pb2.KeyValue.FromString
+                cursor = txn.cursor(db=self._backend.key_db)
+                ok = cursor.set_range(main_prefix(max(low, 0)))
+                while ok:
+                    k = cursor.key()
+                    main = from_bytes(k).main
+                    if main > cur:
+                        break
+                    if not changes or changes[-1][0] != main:
+                        if len(changes) >= max_revisions:
+                            upto = changes[-1][0]
+                            break
+                        changes.append((main, []))
+                    kv = parse(cursor.value())
+                    if len(k) > REV_BYTES_LEN:
+                        kv.mod_revision = main
+                        changes[-1][1].append((True, kv))
+                    else:
+                        changes[-1][1].append((False, kv))
+                    ok = cursor.next()
+            finally:
+                txn.abort()
+        return changes, cur, upto
+
+    # ------------------------------------------------------------------
     # commit listeners (watch)
 
     def add_commit_listener(self, fn: Callable[[list], None]) -> None:
@@ -1070,6 +1159,8 @@ class Store:
         if self._closed:
             return
         self._closed = True
+        if self._watch_hub is not None:
+            self._watch_hub.close()
         self._queue.put(None)
         self._writer.join()
         self._jobs.put(None)
