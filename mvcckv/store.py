@@ -278,6 +278,7 @@ class Store:
             os.path.join(self.path, "wal"),
             first_index=self._applied_index + 1,
             segment_bytes=self.options.wal_segment_bytes,
+            fsync=self.options.fsync,
         )
         self._replay()
         self._lessor.promote()
@@ -449,7 +450,7 @@ class Store:
             if kind == _WORK:
                 continue
             logged.append((self._wal.append(kind, data), kind, req, fut))
-        if logged and self.options.fsync:
+        if logged:
             self._wal.sync()
         results = []
         changes = []

@@ -1,4 +1,4 @@
-"""The write-ahead log: requests made durable before they are applied.
+r"""The write-ahead log: requests made durable before they are applied.
 
 The MVCC store's single writer appends a batch of requests, calls
 :meth:`WAL.sync` once (group commit: one ``fdatasync`` for the whole batch),
@@ -92,7 +92,7 @@ import logging
 import os
 import re
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import crc32c as _crc32c_mod
@@ -274,11 +274,12 @@ class WAL:
     >>> wal.close()
     """
 
-    def __init__(self, dirpath: str, dir_fd: int, segment_bytes: int):
+    def __init__(self, dirpath: str, dir_fd: int, segment_bytes: int, fsync: bool):
         # Use WAL.open(); the constructor only holds state.
         self._dirpath = dirpath
         self._dir_fd = dir_fd
         self._segment_bytes = segment_bytes
+        self._fsync = fsync
         self._segments: list[_Segment] = []
         self._fd = -1  # the active (last) segment, opened for appending
         self._last_index = 0
@@ -296,6 +297,7 @@ class WAL:
         *,
         first_index: int = 1,
         segment_bytes: int = 64 * 1024 * 1024,
+        fsync: bool = True,
     ) -> WAL:
         """Open (creating if missing) the log in ``dirpath`` and check it.
 
@@ -306,6 +308,11 @@ class WAL:
         files as they were.  Raises :class:`StorageError` when another
         ``WAL`` has the directory open.
 
+        ``fsync=False`` is etcd's ``--unsafe-no-fsync``, for tests and
+        benchmarks: :meth:`sync` still writes (so records survive the
+        process being killed) and rotates, but skips the fdatasync, so a
+        power loss can lose or damage acknowledged records.
+
         Reads and checks every retained record: O(bytes in the log).
         """
         if first_index < 1:
@@ -313,21 +320,16 @@ class WAL:
         if segment_bytes < 1:
             raise ValueError(f"segment_bytes must be >= 1, not {segment_bytes}")
         dirpath = os.fspath(dirpath)
-        if not os.path.isdir(dirpath):
-            os.makedirs(dirpath, exist_ok=True)
-            # The new directory's own entry must survive a crash too.
-            parent_fd = os.open(os.path.dirname(os.path.abspath(dirpath)), os.O_RDONLY)
-            try:
-                os.fsync(parent_fd)
-            finally:
-                os.close(parent_fd)
-        dir_fd = os.open(dirpath, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            dir_fd = cls._open_dir(dirpath)
+        except OSError as e:
+            raise StorageError(f"WAL directory {dirpath} cannot be opened: {e}") from e
         try:
             fcntl.flock(dir_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(dir_fd)
             raise StorageError(f"WAL directory {dirpath} is already open by another writer") from None
-        wal = cls(dirpath, dir_fd, segment_bytes)
+        wal = cls(dirpath, dir_fd, segment_bytes, fsync)
         try:
             wal._recover(first_index)
         except OSError as e:
@@ -337,6 +339,18 @@ class WAL:
             wal._release_handles()
             raise
         return wal
+
+    @staticmethod
+    def _open_dir(dirpath: str) -> int:
+        if not os.path.isdir(dirpath):
+            os.makedirs(dirpath, exist_ok=True)
+            # The new directory's own entry must survive a crash too.
+            parent_fd = os.open(os.path.dirname(os.path.abspath(dirpath)), os.O_RDONLY)
+            try:
+                os.fsync(parent_fd)
+            finally:
+                os.close(parent_fd)
+        return os.open(dirpath, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
 
     def _recover(self, first_index: int) -> None:
         names = []
@@ -348,7 +362,7 @@ class WAL:
                 logger.warning("%s: ignoring file with a malformed segment name", os.path.join(self._dirpath, name))
         names.sort()
 
-        cut = None  # (segment, valid_bytes, file_bytes) of a torn tail
+        cut = None  # (segment, file_bytes) when the last segment has a torn tail
         for i, (first, name) in enumerate(names):
             path = os.path.join(self._dirpath, name)
             if first < 1:
@@ -439,6 +453,7 @@ class WAL:
         If writing or syncing fails the log refuses all further use
         (:class:`StorageError`): after a failed fsync the kernel may have
         dropped the dirty pages, and a retry that "succeeds" would lie.
+        O(bytes appended since the last sync), plus one fdatasync if any.
         """
         if self._unusable is not None:
             raise StorageError(self._unusable)
@@ -447,9 +462,9 @@ class WAL:
     def _sync(self) -> None:
         if self._buf:
             self._write_buffer()
-        if self._unsynced:
+        if self._unsynced and self._fsync:
             _fdatasync(self._fd)
-            self._unsynced = False
+        self._unsynced = False
         # Rotating only here, after the fdatasync, is what keeps every
         # non-last segment complete on disk.
         if self._segments[-1].size >= self._segment_bytes:
@@ -463,7 +478,7 @@ class WAL:
         self._buf.clear()
         self._unsynced = True
 
-    def _guarded(self, step) -> None:
+    def _guarded(self, step: Callable[[], None]) -> None:
         try:
             step()
         except OSError as e:
@@ -481,7 +496,8 @@ class WAL:
         caller applied records this log does not have and new records would
         reuse their indexes.  Records appended but not yet synced are
         written out (not synced) first, so they are included.
-        Reads only the segments that hold records after ``after``.
+        Reads only the segments that hold records after ``after``:
+        O(their bytes).
         """
         if self._unusable is not None:
             raise StorageError(self._unusable)
@@ -546,7 +562,7 @@ class WAL:
         Call it with the index the backend has durably applied (a
         checkpoint).  The active segment is never deleted.  Deletes oldest
         first, so an interrupted release leaves no gap.  Returns how many
-        segments were deleted.
+        segments were deleted.  O(segments deleted), one directory fsync.
         """
         if self._unusable is not None:
             raise StorageError(self._unusable)
