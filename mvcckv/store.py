@@ -1107,11 +1107,14 @@ class Store:
     def status(self) -> StoreStatus:
         with self._lock:
             rev, crev, keys, applied = self._current, self._compact_rev, self._live_keys, self._applied_index
+        # The defrag swap closes the environment; sizes are read outside it.
+        with self._swap_lock:
+            size, in_use = self._backend.size(), self._backend.size_in_use()
         return StoreStatus(
             revision=rev,
             compact_revision=crev,
-            db_size=self._backend.size(),
-            db_size_in_use=self._backend.size_in_use(),
+            db_size=size,
+            db_size_in_use=in_use,
             keys=keys,
             raft_index=self._wal.last_index,
             applied_index=applied,

@@ -85,10 +85,17 @@ def execute_range(view, r: pb.RangeRequest) -> pb.RangeResponse:
 # -- Put / DeleteRange -----------------------------------------------------
 
 
-def _check_put(view, p: pb.PutRequest) -> None:
+def _check_put(view, p: pb.PutRequest, cleared: list[bytes]) -> None:
     if p.ignore_value or p.ignore_lease:
         kvs, _, _ = view.range_keys(p.key, b"", 0, 0, False)
         if not kvs:
+            raise errors.KeyNotFoundError()
+        # An earlier DeleteRange to the end of the keyspace (range_end b"\0")
+        # on the taken path removes the key before this put runs; the
+        # duplicate-key check lets that pair through (§5.3 quirk).  etcd
+        # panics when the put then finds no key; refusing the txn here keeps
+        # it all or nothing, since nothing can fail once execution starts.
+        if any(p.key >= start for start in cleared):
             raise errors.KeyNotFoundError()
     if p.lease != 0 and not view.lease_exists(p.lease):
         raise errors.LeaseNotFoundError()
@@ -131,7 +138,7 @@ def apply_put(view, p: pb.PutRequest) -> pb.PutResponse:
 
 def apply_txn(view, t: pb.TxnRequest) -> pb.TxnResponse:
     path = _compare_to_path(view, t)
-    _check_txn(view, t, path, 0)
+    _check_txn(view, t, path, 0, [])
     resp = pb.TxnResponse()
     _execute_txn(view, t, path, 0, resp)
     resp.header.revision = view.rev
@@ -148,8 +155,12 @@ def _compare_to_path(view, t: pb.TxnRequest) -> list[bool]:
     return path
 
 
-def _check_txn(view, t: pb.TxnRequest, path: list[bool], pos: int) -> int:
-    """Dynamic checks of the taken path; returns the path position after it."""
+def _check_txn(view, t: pb.TxnRequest, path: list[bool], pos: int, cleared: list[bytes]) -> int:
+    """Dynamic checks of the taken path; returns the path position after it.
+
+    ``cleared`` collects, in execution order, the start keys of the taken
+    path's deletes with range_end b"\0" (see ``_check_put``).
+    """
     ops = t.success if path[pos] else t.failure
     pos += 1
     for op in ops:
@@ -157,9 +168,12 @@ def _check_txn(view, t: pb.TxnRequest, path: list[bool], pos: int) -> int:
         if which == "request_range":
             _check_txn_range(view, op.request_range)
         elif which == "request_put":
-            _check_put(view, op.request_put)
+            _check_put(view, op.request_put, cleared)
+        elif which == "request_delete_range":
+            if op.request_delete_range.range_end == b"\0":
+                cleared.append(op.request_delete_range.key)
         elif which == "request_txn":
-            pos = _check_txn(view, op.request_txn, path, pos)
+            pos = _check_txn(view, op.request_txn, path, pos, cleared)
     return pos
 
 
