@@ -392,7 +392,10 @@ class Store:
             return
         if (self.options.member_id, pb.NOSPACE) not in self._alarms:
             alarm = pb.AlarmRequest(action=pb.AlarmRequest.ACTIVATE, memberID=self.options.member_id, alarm=pb.NOSPACE)
-            self.propose(KIND_ALARM, alarm).result()
+            # Raised through the log like any state change, but not waited
+            # for: the caller may be an event loop, and the answer is
+            # already known.
+            self.propose(KIND_ALARM, alarm)
         raise errors.NoSpaceError()
 
     def _check_corrupt(self) -> None:

@@ -1,0 +1,316 @@
+"""The ``mvcckv serve`` process: one grpc.aio server in front of one store.
+
+Life cycle::
+
+    open the store (in a thread: it replays the WAL)
+    derive / recall the member and cluster IDs
+    bind every listen URL, start, log one "ready" line
+    ... serve ...
+    SIGINT/SIGTERM: stop accepting, give in-flight requests GRACE_SECONDS,
+                    stop auto-compaction, close the store
+    a second signal: os._exit at once (safe: every acknowledged write is in
+                    the WAL, which the next start replays)
+
+Services: KV, Maintenance, Cluster and grpc.health.v1.Health.  Watch, Lease
+and Auth are not registered yet, so clients get UNIMPLEMENTED for them.
+
+gRPC settings follow etcd (ETCD_SEMANTICS §1.3): receive limit
+max-request-bytes + 512 KiB, send limit 2^31-1, and keepalive enforcement
+that tolerates etcdctl's client pings (every 10 s, also between calls)
+instead of answering them with GOAWAY "too_many_pings".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import signal
+import socket
+import sys
+
+import grpc
+import lmdb
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+import mvcckv
+from mvcckv import errors
+from mvcckv.pb import rpc_pb2_grpc
+from mvcckv.pb import rpc_pb2 as pb
+from mvcckv.server import compactor as compactor_mod
+from mvcckv.server import identity
+from mvcckv.server.cluster import ClusterServicer
+from mvcckv.server.config import Config, Listener
+from mvcckv.server.kv import KVServicer
+from mvcckv.server.maintenance import MaintenanceServicer
+from mvcckv.server.node import Node
+from mvcckv.server.rpctypes import InvalidClientAPIVersionError, status_code
+from mvcckv.store import DEFAULT_QUOTA, KIND_COMPACT
+
+log = logging.getLogger("mvcckv.server")
+
+GRACE_SECONDS = 5.0
+GRPC_OVERHEAD_BYTES = 512 * 1024
+MAX_SEND_BYTES = 2**31 - 1
+
+CLIENT_API_VERSION_KEY = "client-api-version"
+
+
+def grpc_options(config: Config) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", config.max_request_bytes + GRPC_OVERHEAD_BYTES),
+        ("grpc.max_send_message_length", MAX_SEND_BYTES),
+        # etcd enforces a 5 s minimum ping interval and lets clients ping
+        # without an active call; grpcio's defaults (5 min, no pings without
+        # calls, 2 strikes) would GOAWAY etcdctl's 10 s pings.
+        ("grpc.http2.min_ping_interval_without_data_ms", 5000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_ping_strikes", 0),
+        # etcd's server-side keepalive: ping an idle client every 2 h, give
+        # up after 20 s without an answer.
+        ("grpc.keepalive_time_ms", 2 * 60 * 60 * 1000),
+        ("grpc.keepalive_timeout_ms", 20 * 1000),
+        # Without this a second server could bind the same port and the
+        # kernel would split clients between the two.
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+# --- metadata ------------------------------------------------------------------
+
+
+def client_api_version_ok(value: str) -> bool:
+    """Whether a ``client-api-version`` value arrived as valid UTF-8.
+
+    grpcio hands non-binary metadata to Python as text: UTF-8-decoded when
+    the bytes were valid UTF-8, otherwise Latin-1-decoded.  The raw bytes
+    are gone, so invalid input is recognised by its Latin-1 shape: only
+    characters below U+0100, at least one above ASCII, whose Latin-1 bytes
+    are not valid UTF-8.  (A valid value made only of U+0080..U+00FF
+    characters, such as "é", looks the same and is refused too; real
+    clients send ASCII such as "3.4".)
+    """
+    if value.isascii():
+        return True
+    try:
+        raw = value.encode("latin-1")
+    except UnicodeEncodeError:
+        return True  # characters above U+00FF: it was decoded as UTF-8
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+class MetadataInterceptor(grpc.aio.ServerInterceptor):
+    """etcd's request metadata checks, for every service and call kind.
+
+    ``client-api-version`` must be valid UTF-8.  ``hasleader`` ("fail if
+    there is no leader") always holds: this server is its own leader.
+    """
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        for key, value in handler_call_details.invocation_metadata or ():
+            if key == CLIENT_API_VERSION_KEY and isinstance(value, str) and not client_api_version_ok(value):
+                return _refusing(handler, InvalidClientAPIVersionError())
+        return handler
+
+
+def _refusing(handler: grpc.RpcMethodHandler, err: errors.MvccError) -> grpc.RpcMethodHandler:
+    async def refuse(request_or_iterator, context):
+        await context.abort(status_code(err), str(err))
+
+    kinds = {
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (False, True): grpc.unary_stream_rpc_method_handler,
+        (True, False): grpc.stream_unary_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
+    }
+    make = kinds[(handler.request_streaming, handler.response_streaming)]
+    return make(refuse, request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+
+
+# --- start and stop ---------------------------------------------------------------
+
+
+def open_node(config: Config) -> Node:
+    """Open the store and settle the member identity (blocking: run in a thread)."""
+    mid = identity.member_id(config.initial_advertise_peer_urls, config.initial_cluster_token)
+    cid = identity.cluster_id([mid])
+    quota = DEFAULT_QUOTA if config.quota_backend_bytes == 0 else config.quota_backend_bytes
+
+    def open_store(member: int):
+        return mvcckv.open(
+            config.data_dir,
+            quota_bytes=quota,
+            max_txn_ops=config.max_txn_ops,
+            max_request_bytes=config.max_request_bytes,
+            member_id=member,
+        )
+
+    store = open_store(mid)
+    try:
+        stored_cid, stored_mid = store.identity(cid, mid)
+        if stored_mid != mid:
+            # The data dir was created with other peer URLs or another
+            # token; like etcd, the member keeps the ID it was born with
+            # (the store raises its NOSPACE alarm under that ID).
+            log.info("member ID %x recorded in %s is kept (flags would give %x)",
+                     stored_mid, config.data_dir, mid)
+            store.close()
+            store = open_store(stored_mid)
+    except BaseException:
+        store.close()
+        raise
+    return Node(
+        store=store,
+        name=config.name,
+        member_id=stored_mid,
+        cluster_id=stored_cid,
+        peer_urls=config.initial_advertise_peer_urls,
+        client_urls=config.advertise_client_urls,
+        version=config.emulated_version,
+        quota_bytes=config.quota_backend_bytes,
+    )
+
+
+class BindError(OSError):
+    pass
+
+
+def _bind(server: grpc.aio.Server, listener: Listener) -> int:
+    try:
+        port = server.add_insecure_port(listener.address)
+    except RuntimeError:
+        port = 0
+    if port == 0:
+        raise BindError(f"listen tcp {listener.address}: bind: {_bind_problem(listener)}")
+    return port
+
+
+def _bind_problem(listener: Listener) -> str:
+    """Why binding failed, in the operating system's words (gRPC only says
+    that it failed)."""
+    try:
+        infos = socket.getaddrinfo(listener.host, listener.port, type=socket.SOCK_STREAM)
+    except OSError as err:
+        return str(err)
+    for family, kind, proto, _, addr in infos:
+        try:
+            with socket.socket(family, kind, proto) as sock:
+                sock.bind(addr)
+        except OSError as err:
+            return _go_style(os.strerror(err.errno) if err.errno else str(err))
+    return _go_style(os.strerror(errno.EADDRNOTAVAIL))
+
+
+def _go_style(text: str) -> str:
+    # etcd (Go) prints "address already in use"; tools grep for that.
+    return text[:1].lower() + text[1:]
+
+
+def build_server(node: Node, config: Config) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
+    server = grpc.aio.server(options=grpc_options(config), interceptors=[MetadataInterceptor()])
+    rpc_pb2_grpc.add_KVServicer_to_server(KVServicer(node), server)
+    rpc_pb2_grpc.add_MaintenanceServicer_to_server(MaintenanceServicer(node), server)
+    rpc_pb2_grpc.add_ClusterServicer_to_server(ClusterServicer(node), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    return server, health_servicer
+
+
+def start_compactor(node: Node, config: Config, clock=None) -> asyncio.Task | None:
+    store = node.store
+
+    async def compact(rev: int) -> None:
+        await asyncio.wrap_future(store.propose(KIND_COMPACT, pb.CompactionRequest(revision=rev)))
+
+    comp = compactor_mod.new_compactor(
+        config.auto_compaction_mode, config.auto_compaction_retention, lambda: store.revision, compact, clock
+    )
+    if comp is None:
+        return None
+    retention = config.auto_compaction_retention
+    log.info("auto-compaction: %s", f"every 5 min, keeping {retention} revisions"
+             if config.auto_compaction_mode == compactor_mod.MODE_REVISION
+             else f"periodic, keeping {retention / compactor_mod.SECOND:g} s of history")
+    return asyncio.get_running_loop().create_task(comp.run(), name="mvcckv-auto-compaction")
+
+
+async def serve(config: Config) -> int:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    signals: list[str] = []
+
+    def on_signal(sig: signal.Signals) -> None:
+        if signals:
+            log.warning("second signal (%s): exiting now; the WAL holds every acknowledged write", sig.name)
+            logging.shutdown()
+            os._exit(1)
+        signals.append(sig.name)
+        stop.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal, sig)
+
+    try:
+        node = await asyncio.to_thread(open_node, config)
+    except (errors.StorageError, OSError, lmdb.Error) as err:
+        log.error("cannot open data dir %s: %s", config.data_dir, err)
+        return 1
+    if stop.is_set():
+        await asyncio.to_thread(node.store.close)
+        return 0
+
+    server = None
+    comp_task = None
+    try:
+        server, health_servicer = build_server(node, config)
+        urls = []
+        for listener in config.listeners:
+            port = _bind(server, listener)
+            urls.append(listener.url if port == listener.port else
+                        f"http://{listener.address.rpartition(':')[0]}:{port}")
+        await server.start()
+        await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+        comp_task = start_compactor(node, config)
+        log.info(
+            "ready to serve client requests on %s (name %s, member %x, cluster %x, data dir %s, etcd %s)",
+            ", ".join(urls), node.name, node.member_id, node.cluster_id,
+            os.path.abspath(config.data_dir), node.version,
+        )
+        await stop.wait()
+        log.info("received %s: stopping (in-flight requests get %.0f s)", signals[0], GRACE_SECONDS)
+        await health_servicer.enter_graceful_shutdown()
+        return 0
+    except BindError as err:
+        log.error("%s", err)
+        return 1
+    finally:
+        if comp_task is not None:
+            comp_task.cancel()
+            await asyncio.gather(comp_task, return_exceptions=True)
+        if server is not None:
+            await server.stop(GRACE_SECONDS)
+        await asyncio.to_thread(node.store.close)
+        log.info("stopped")
+
+
+def configure_logging(level: str) -> None:
+    levels = {"debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING, "error": logging.ERROR}
+    logging.basicConfig(
+        level=levels[level],
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def main(config: Config) -> int:
+    configure_logging(config.log_level)
+    return asyncio.run(serve(config))

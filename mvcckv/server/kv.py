@@ -1,0 +1,55 @@
+"""etcd's KV service: Range, Put, DeleteRange, Txn, Compact.
+
+Reads run on the event loop (the store answers them from memory and the
+page cache without waiting on a write); writes are proposed to the store's
+writer thread and awaited, so the loop never waits for an fsync.  A Txn
+without writes is a read.  The engine fills ``header.revision`` (and the
+inner headers of a txn); we add the identity to the top-level header.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from mvcckv.pb import rpc_pb2_grpc
+from mvcckv.server.node import Node
+from mvcckv.server.rpctypes import rpc
+from mvcckv.store import KIND_COMPACT, KIND_DELETE_RANGE, KIND_PUT, KIND_TXN
+from mvcckv.validate import txn_is_read_only
+
+
+class KVServicer(rpc_pb2_grpc.KVServicer):
+    def __init__(self, node: Node):
+        self._node = node
+        self._store = node.store
+
+    async def _write(self, kind: int, request):
+        resp = await asyncio.wrap_future(self._store.propose(kind, request))
+        self._node.fill(resp.header)
+        return resp
+
+    @rpc
+    async def Range(self, request, context):
+        resp = self._store.range_request(request)
+        self._node.fill(resp.header)
+        return resp
+
+    @rpc
+    async def Put(self, request, context):
+        return await self._write(KIND_PUT, request)
+
+    @rpc
+    async def DeleteRange(self, request, context):
+        return await self._write(KIND_DELETE_RANGE, request)
+
+    @rpc
+    async def Txn(self, request, context):
+        if txn_is_read_only(request):
+            resp = self._store.txn_request(request)
+            self._node.fill(resp.header)
+            return resp
+        return await self._write(KIND_TXN, request)
+
+    @rpc
+    async def Compact(self, request, context):
+        return await self._write(KIND_COMPACT, request)

@@ -1,0 +1,58 @@
+"""What every service knows about this server: the store and its identity.
+
+etcd is a raft member; mvcckv is one process playing a one-member cluster
+that has always been its own leader.  The raft-shaped answers follow from
+that: the leader is this member, the term never changes (a fresh etcd
+reports term 2 after its first election, so we report 2), and the raft
+indices are the WAL's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mvcckv.pb import rpc_pb2 as pb
+from mvcckv.store import Store
+
+RAFT_TERM = 2
+
+
+@dataclass(frozen=True)
+class Node:
+    store: Store
+    name: str
+    member_id: int
+    cluster_id: int
+    peer_urls: tuple[str, ...]
+    client_urls: tuple[str, ...]
+    version: str
+    """The etcd server version we answer as (``--emulated-version``)."""
+    quota_bytes: int
+    """``--quota-backend-bytes`` as given (0 = etcd's default, < 0 = off)."""
+
+    @property
+    def storage_version(self) -> str:
+        """etcd's storage version for our server version: ``major.minor.0``."""
+        major, minor = self.version.split(".")[:2]
+        return f"{major}.{minor}.0"
+
+    @property
+    def cluster_version(self) -> str:
+        major, minor = self.version.split(".")[:2]
+        return f"{major}.{minor}"
+
+    def fill(self, header: pb.ResponseHeader) -> None:
+        """etcd's header fill: identity and term; revision only if unset."""
+        header.cluster_id = self.cluster_id
+        header.member_id = self.member_id
+        header.raft_term = RAFT_TERM
+        if header.revision == 0:
+            header.revision = self.store.revision
+
+    def member(self) -> pb.Member:
+        return pb.Member(
+            ID=self.member_id,
+            name=self.name,
+            peerURLs=list(self.peer_urls),
+            clientURLs=list(self.client_urls),
+        )

@@ -1,0 +1,140 @@
+"""Errors on the wire: each error type's gRPC status code, in one table.
+
+Clients of etcd recognise an error by its *message* (clientv3 looks the
+text up in a table and carries the code along), so the message is always
+the engine error's own ``str()``, which is etcd's exact text; this module
+only chooses the code (ETCD_SEMANTICS §6).
+
+Three outcomes, as in etcd's ``togRPCError``:
+
+* an :class:`~mvcckv.errors.MvccError` listed in :data:`CODES` (or
+  subclassing one listed) gets that code;
+* any other ``MvccError`` gets ``UNKNOWN`` with its text — what etcd does
+  with a server error missing from its map;
+* anything else is a bug in mvcckv: ``INTERNAL``, with the traceback in
+  the server log.  The server answers and keeps running.
+
+Errors that only the RPC layer can raise (metadata, membership, downgrade)
+are defined here, next to their codes; the engine never raises them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+
+import grpc
+
+from mvcckv import errors
+
+log = logging.getLogger("mvcckv.server")
+
+Code = grpc.StatusCode
+
+
+# --- errors raised by the RPC layer ------------------------------------------
+
+
+class InvalidClientAPIVersionError(errors.MvccError):
+    message = "etcdserver: invalid client api version"
+
+
+class MemberBadURLsError(errors.MvccError):
+    message = "etcdserver: given member URLs are invalid"
+
+
+class PeerURLExistsError(errors.MvccError):
+    message = "etcdserver: Peer URLs already exists"
+
+
+class WrongDowngradeVersionFormatError(errors.MvccError):
+    message = "etcdserver: wrong downgrade target version format"
+
+
+class InvalidDowngradeTargetVersionError(errors.MvccError):
+    message = "etcdserver: invalid downgrade target version"
+
+
+class DowngradeUnsupportedError(errors.MvccError):
+    """A downgrade to a valid target: mvcckv has one storage format and no
+    cluster version to lower, so there is nothing it could do."""
+
+    message = "mvcckv: downgrade is not supported: this server has a single storage format"
+
+
+class UnknownMethodError(errors.MvccError):
+    message = "etcdserver: unknown method"
+
+
+# --- the table -----------------------------------------------------------------
+
+CODES: dict[type[errors.MvccError], grpc.StatusCode] = {
+    # request validation
+    errors.EmptyKeyError: Code.INVALID_ARGUMENT,
+    errors.KeyNotFoundError: Code.INVALID_ARGUMENT,
+    errors.ValueProvidedError: Code.INVALID_ARGUMENT,
+    errors.LeaseProvidedError: Code.INVALID_ARGUMENT,
+    errors.TooManyOpsError: Code.INVALID_ARGUMENT,
+    errors.DuplicateKeyError: Code.INVALID_ARGUMENT,
+    errors.InvalidSortOptionError: Code.INVALID_ARGUMENT,
+    errors.RequestTooLargeError: Code.INVALID_ARGUMENT,
+    InvalidClientAPIVersionError: Code.INVALID_ARGUMENT,
+    # revisions
+    errors.CompactedError: Code.OUT_OF_RANGE,
+    errors.FutureRevisionError: Code.OUT_OF_RANGE,
+    # space and load
+    errors.NoSpaceError: Code.RESOURCE_EXHAUSTED,
+    errors.CorruptError: Code.DATA_LOSS,
+    errors.TooManyRequestsError: Code.RESOURCE_EXHAUSTED,
+    errors.StoppedError: Code.UNAVAILABLE,
+    # leases
+    errors.LeaseNotFoundError: Code.NOT_FOUND,
+    errors.LeaseExistsError: Code.FAILED_PRECONDITION,
+    errors.LeaseTTLTooLargeError: Code.OUT_OF_RANGE,
+    # cluster
+    errors.MemberNotFoundError: Code.NOT_FOUND,
+    errors.BadLeaderTransfereeError: Code.FAILED_PRECONDITION,
+    errors.NotLearnerError: Code.FAILED_PRECONDITION,
+    MemberBadURLsError: Code.INVALID_ARGUMENT,
+    PeerURLExistsError: Code.FAILED_PRECONDITION,
+    # Not an etcd error: a single-member server cannot change membership,
+    # and UNIMPLEMENTED tells a client not to retry.
+    errors.SingleMemberError: Code.UNIMPLEMENTED,
+    # downgrade
+    WrongDowngradeVersionFormatError: Code.INVALID_ARGUMENT,
+    InvalidDowngradeTargetVersionError: Code.INVALID_ARGUMENT,
+    DowngradeUnsupportedError: Code.UNIMPLEMENTED,
+    # etcd has no code for it either.
+    UnknownMethodError: Code.UNKNOWN,
+}
+
+
+def status_code(err: errors.MvccError) -> grpc.StatusCode:
+    """The gRPC code of an engine or RPC-layer error (UNKNOWN if unlisted)."""
+    for cls in type(err).__mro__:
+        code = CODES.get(cls)
+        if code is not None:
+            return code
+    return Code.UNKNOWN
+
+
+def rpc(method):
+    """Decorate a servicer coroutine so that every error becomes a status.
+
+    Cancellation and ``context.abort`` pass through untouched.
+    """
+
+    @functools.wraps(method)
+    async def handler(self, request, context):
+        try:
+            return await method(self, request, context)
+        except errors.MvccError as err:
+            await context.abort(status_code(err), str(err))
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception as err:  # noqa: BLE001 - answer INTERNAL, keep serving
+            log.exception("%s failed", method.__qualname__)
+            await context.abort(Code.INTERNAL, f"mvcckv: internal error: {type(err).__name__}: {err}")
+
+    return handler
