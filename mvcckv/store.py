@@ -64,6 +64,16 @@ from mvcckv.backend import (
 )
 from mvcckv.hash import HASH_HISTORY, KeyValueHash, KVHasher
 from mvcckv.index import RevisionNotFoundError, TreeIndex
+from mvcckv.kv import (
+    KIND_ALARM,
+    KIND_COMPACT,
+    KIND_DELETE_RANGE,
+    KIND_LEASE_CHECKPOINT,
+    KIND_LEASE_GRANT,
+    KIND_LEASE_REVOKE,
+    KIND_PUT,
+    KIND_TXN,
+)
 from mvcckv.lease import DEFAULT_MIN_TTL, Lessor, lease_key
 from mvcckv.pb import kv_pb2
 from mvcckv.pb import rpc_pb2 as pb
@@ -72,16 +82,7 @@ from mvcckv.wal import WAL
 
 log = logging.getLogger("mvcckv.store")
 
-# WAL record types: one per logged request kind.
-KIND_PUT = 1
-KIND_DELETE_RANGE = 2
-KIND_TXN = 3
-KIND_COMPACT = 4
-KIND_ALARM = 5
-KIND_LEASE_GRANT = 6
-KIND_LEASE_REVOKE = 7
-KIND_LEASE_CHECKPOINT = 8
-
+# WAL record types are the proposal kinds of the engine contract (kv.py).
 _REQUEST_TYPES = {
     KIND_PUT: pb.PutRequest,
     KIND_DELETE_RANGE: pb.DeleteRangeRequest,

@@ -1,0 +1,73 @@
+"""The engine contract: what the server (and the embedded API) codes against.
+
+Two engines implement it: ``mvcckv.store.Store`` (WAL + treeIndex + LMDB)
+and the PostgreSQL engine in ``mvcckv.pg``.  Requests and responses are
+etcd's protobuf messages, so a request travels from the wire to the engine
+and back without conversion, and both engines answer alike.
+
+Writes are *proposed*: ``propose`` validates the request at once (raising
+etcd's error for a bad one) and returns a future that resolves to the
+response once the write is durable and applied.  Reads are answered
+synchronously and must be cheap enough to run on an event loop.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future
+from typing import Protocol, runtime_checkable
+
+from mvcckv.pb import kv_pb2
+from mvcckv.pb import rpc_pb2 as pb
+
+# Kinds of proposed (logged) requests; the numbers are also the WAL record
+# types of the LMDB engine, so they never change meaning.
+KIND_PUT = 1
+KIND_DELETE_RANGE = 2
+KIND_TXN = 3
+KIND_COMPACT = 4
+KIND_ALARM = 5
+KIND_LEASE_GRANT = 6
+KIND_LEASE_REVOKE = 7
+KIND_LEASE_CHECKPOINT = 8
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """An etcd-semantics MVCC key-value engine."""
+
+    @property
+    def revision(self) -> int:
+        """Current revision (1 for an empty store)."""
+
+    @property
+    def compact_revision(self) -> int:
+        """Last compaction revision, -1 if never compacted."""
+
+    # writes
+    def propose(self, kind: int, req) -> Future: ...
+    def new_lease_request(self, ttl: int, lease_id: int = 0) -> pb.LeaseGrantRequest: ...
+
+    # reads
+    def range_request(self, req: pb.RangeRequest) -> pb.RangeResponse: ...
+    def txn_request(self, req: pb.TxnRequest) -> pb.TxnResponse: ...
+    def get_kv(self, key: bytes, revision: int = 0) -> kv_pb2.KeyValue | None: ...
+
+    # leases (clock side; grant/revoke are proposed)
+    def lease_keepalive(self, lease_id: int) -> int: ...
+    def lease_ttl(self, lease_id: int, keys: bool = False) -> pb.LeaseTimeToLiveResponse: ...
+    def leases(self) -> pb.LeaseLeasesResponse: ...
+
+    # watch: a hub with watch(stream, key, range_end, start_revision, ...),
+    # cancel(watcher) and request_progress(stream, watchers); see watch.py
+    @property
+    def watch_hub(self): ...
+
+    # maintenance
+    def status(self): ...
+    def hash_kv(self, revision: int = 0): ...
+    def hash(self) -> tuple[int, int]: ...
+    def defrag(self) -> tuple[int, int]: ...
+    def snapshot(self, fd: int) -> None: ...
+    def alarms(self) -> list[tuple[int, int]]: ...
+    def identity(self, cluster_id: int, member_id: int) -> tuple[int, int]: ...
+    def close(self) -> None: ...
