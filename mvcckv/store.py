@@ -100,6 +100,11 @@ REQUEST_OVERHEAD = 64
 DEFAULT_MAX_REQUEST_BYTES = 1536 * 1024
 DEFAULT_MAX_TXN_OPS = 128
 
+# What a CORRUPT alarm stops (§10.6); reads check it separately.
+_CORRUPT_REFUSED = frozenset(
+    (KIND_PUT, KIND_DELETE_RANGE, KIND_TXN, KIND_COMPACT, KIND_LEASE_GRANT, KIND_LEASE_REVOKE)
+)
+
 # etcd charges a lease grant this much against the space quota.
 LEASE_GRANT_COST = 64
 
@@ -274,6 +279,12 @@ class Store:
         self._scheduled_compact_rev = -1
         self._live_keys = 0
         self._applied_index = 0
+        # WAL records up to _durable_index are known to be in an fsynced
+        # backend and may be released.  What the backend holds at open may
+        # still be only in the page cache (the last process was killed), so
+        # nothing counts as durable until this process's first checkpoint.
+        self._durable_index = 0
+        self._released_index = 0
         self._restore()
         self._wal = WAL.open(
             os.path.join(self.path, "wal"),
@@ -283,8 +294,6 @@ class Store:
         )
         self._replay()
         self._lessor.promote()
-        self._durable_index = self._applied_index
-        self._released_index = 0
         self._writer = threading.Thread(target=self._run_writer, name="mvcckv-writer", daemon=True)
         self._background = threading.Thread(target=self._run_background, name="mvcckv-background", daemon=True)
         self._writer.start()
@@ -376,7 +385,7 @@ class Store:
             validate.check_txn(req, self.options.max_txn_ops)
         elif kind == KIND_LEASE_GRANT:
             self._check_quota(LEASE_GRANT_COST)
-        if kind in (KIND_PUT, KIND_DELETE_RANGE, KIND_TXN, KIND_COMPACT):
+        if kind in _CORRUPT_REFUSED:
             self._check_corrupt()
         data = req.SerializeToString()
         if len(data) + REQUEST_OVERHEAD > self.options.max_request_bytes:
@@ -475,6 +484,9 @@ class Store:
                 except BaseException:
                     txn.abort()
                     raise
+        # Watchers hear of a revision before its writer is answered, so no
+        # client can know of a revision that a progress report does not.
+        self._after_commit(changes)
         for fut, resp, err in results:
             if fut is None:
                 continue
@@ -490,7 +502,6 @@ class Store:
                     fut.set_result(work())
                 except BaseException as e:  # noqa: BLE001 - handed to the caller
                     fut.set_exception(e)
-        self._after_commit(changes)
 
     def _after_commit(self, changes) -> None:
         """Runs on the writer thread after each commit."""
