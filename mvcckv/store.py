@@ -36,6 +36,7 @@ chunk or batch.  An interrupted compaction resumes on open.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import queue
@@ -314,7 +315,10 @@ class Store:
             fin = txn.get(META_FINISHED_COMPACT, db=be.meta_db)
             self._scheduled_compact_rev = from_bytes(sched).main if sched else -1
             self._finished_compact_rev = from_bytes(fin).main if fin else -1
-            self._compact_rev = self._finished_compact_rev
+            # An interrupted compaction was acknowledged: reads below it must
+            # keep failing while it is resumed (etcd re-schedules it, which
+            # sets its compact revision to the scheduled one).
+            self._compact_rev = max(self._finished_compact_rev, self._scheduled_compact_rev)
             current = 1
             restore = self._index.restore
             parse = kv_pb2.KeyValue.FromString
@@ -323,7 +327,12 @@ class Store:
                 main, sub = from_bytes(k)
                 kv = parse(v)
                 tomb = len(k) > REV_BYTES_LEN
-                restore(kv.key, main, sub, tomb, kv.create_revision, kv.version)
+                try:
+                    restore(kv.key, main, sub, tomb, kv.create_revision, kv.version)
+                except RevisionNotFoundError:
+                    # A tombstone for a key that is not live: the backend is
+                    # inconsistent; etcd logs it and carries on, and so do we.
+                    log.error("tombstone at %d.%d for non-live key %r ignored", main, sub, kv.key)
                 # A key's lease is the one its newest revision carries.
                 if tomb or not kv.lease:
                     key_lease.pop(kv.key, None)
@@ -341,6 +350,10 @@ class Store:
         # the revision must never go backwards.
         self._current = max(current, self._finished_compact_rev, self._scheduled_compact_rev)
         self._live_keys = self._index.range_count(b"\0", b"\0", self._current)
+        # The index is built once and lives as long as the store: moving it
+        # out of the collector's generations keeps full collections (which
+        # would scan every key's objects) from pausing writers.
+        gc.freeze()
 
     def _replay(self) -> None:
         batch = []
