@@ -36,7 +36,6 @@ chunk or batch.  An interrupted compaction resumes on open.
 
 from __future__ import annotations
 
-import gc
 import logging
 import os
 import queue
@@ -350,10 +349,6 @@ class Store:
         # the revision must never go backwards.
         self._current = max(current, self._finished_compact_rev, self._scheduled_compact_rev)
         self._live_keys = self._index.range_count(b"\0", b"\0", self._current)
-        # The index is built once and lives as long as the store: moving it
-        # out of the collector's generations keeps full collections (which
-        # would scan every key's objects) from pausing writers.
-        gc.freeze()
 
     def _replay(self) -> None:
         batch = []

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import gc
 import logging
 import os
 import signal
@@ -168,6 +169,10 @@ def open_node(config: Config) -> Node:
     except BaseException:
         store.close()
         raise
+    # The index just built lives as long as the server: moving it out of the
+    # collector's generations keeps full collections, which would walk every
+    # key's objects, from pausing requests.
+    gc.freeze()
     return Node(
         store=store,
         name=config.name,

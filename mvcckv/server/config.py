@@ -28,6 +28,8 @@ ENV_PREFIX = "MVCCKV_"
 DEFAULT_MAX_REQUEST_BYTES = 1536 * 1024
 DEFAULT_MAX_TXN_OPS = 128
 EMULATED_VERSION = "3.6.14"
+DEFAULT_WATCH_PROGRESS_NOTIFY_INTERVAL = 600.0
+MIN_WATCH_PROGRESS_NOTIFY_INTERVAL = 0.1
 LOG_LEVELS = ("debug", "info", "warn", "error")
 
 # (flag, default, help).  The default None of --data-dir and
@@ -55,6 +57,9 @@ _FLAGS: tuple[tuple[str, str | None, str], ...] = (
     ("auto-compaction-retention", "0",
      "Auto-compaction retention, e.g. '1' (hour), '30m', or '1000' in revision mode; "
      "0 disables auto-compaction."),
+    ("experimental-watch-progress-notify-interval", "10m",
+     "Interval of progress notifications to watchers that asked for them (a Go duration; "
+     "raised to 100ms if smaller; 0 keeps 10m)."),
     ("log-level", "info", "Log level: " + ", ".join(LOG_LEVELS) + "."),
     ("emulated-version", EMULATED_VERSION,
      "etcd server version reported by Status (etcdctl endpoint status)."),
@@ -96,6 +101,8 @@ class Config:
     auto_compaction_mode: str = compactor.MODE_PERIODIC
     auto_compaction_retention: int = 0
     """Revisions (revision mode) or nanoseconds (periodic mode); 0 = off."""
+    watch_progress_notify_interval: float = DEFAULT_WATCH_PROGRESS_NOTIFY_INTERVAL
+    """Seconds between progress notifications (etcd adds 0-10 % jitter)."""
     log_level: str = "info"
     emulated_version: str = EMULATED_VERSION
 
@@ -125,6 +132,7 @@ class Config:
         version = args.emulated_version
         if not re.fullmatch(r"\d+\.\d+\.\d+", version):
             raise ConfigError(f"--emulated-version must look like 3.6.14, not {version!r}")
+        progress = _progress_interval(args.experimental_watch_progress_notify_interval)
         max_request = _int("max-request-bytes", args.max_request_bytes)
         max_ops = _int("max-txn-ops", args.max_txn_ops)
         if max_request <= 0 or max_ops <= 0:
@@ -141,6 +149,7 @@ class Config:
             max_txn_ops=max_ops,
             auto_compaction_mode=mode,
             auto_compaction_retention=retention,
+            watch_progress_notify_interval=progress,
             log_level=level,
             emulated_version=version,
         )
@@ -170,6 +179,19 @@ def _split(value: str) -> list[str]:
     return [u.strip() for u in value.split(",") if u.strip()]
 
 
+def _progress_interval(value: str) -> float:
+    """etcd's reading of the progress interval: a Go duration; 0 or less
+    keeps the default, anything under 100ms is raised to 100ms."""
+    try:
+        ns = compactor.parse_duration(value.strip())
+    except ValueError:
+        raise ConfigError(
+            f"--experimental-watch-progress-notify-interval: not a duration: {value!r}") from None
+    if ns <= 0:
+        return DEFAULT_WATCH_PROGRESS_NOTIFY_INTERVAL
+    return max(ns / compactor.SECOND, MIN_WATCH_PROGRESS_NOTIFY_INTERVAL)
+
+
 def _int(flag: str, value: str) -> int:
     try:
         return int(value)
@@ -180,7 +202,7 @@ def _int(flag: str, value: str) -> int:
 def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "serve",
-        help="serve etcd's v3 gRPC API (KV, Maintenance, Cluster)",
+        help="serve etcd's v3 gRPC API (KV, Watch, Lease, Maintenance, Cluster)",
         description=(
             "Serve etcd's v3 gRPC API on the listen URLs with data in --data-dir,\n"
             "so that etcdctl and etcd's clients work unchanged.\n\n"
