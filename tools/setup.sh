@@ -9,6 +9,10 @@ cd "$(dirname "$0")/.."
 need_apt=()
 command -v etcdctl >/dev/null 2>&1 || need_apt+=(etcd-client)
 command -v etcd >/dev/null 2>&1 || [ -x /usr/bin/etcd ] || need_apt+=(etcd-server)
+# h2load: the low-CPU gRPC load generator of the benchmarks (and their tests).
+command -v h2load >/dev/null 2>&1 || need_apt+=(nghttp2-client)
+# PostgreSQL server binaries for the PostgreSQL engine's throwaway clusters.
+command -v initdb >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need_apt+=(postgresql)
 if [ "${MVCCKV_SKIP_APT:-0}" != 1 ] && [ ${#need_apt[@]} -gt 0 ]; then
     SUDO=""
     [ "$(id -u)" = 0 ] || SUDO="sudo"
@@ -19,6 +23,13 @@ if [ "${MVCCKV_SKIP_APT:-0}" != 1 ] && [ ${#need_apt[@]} -gt 0 ]; then
     # `mvcckv serve` need that port free and run their own instances.
     if command -v systemctl >/dev/null 2>&1; then $SUDO systemctl disable --now etcd >/dev/null 2>&1 || true; fi
     pkill -x etcd >/dev/null 2>&1 || true
+    # Likewise Debian's postgresql package may start a cluster on 5432; the
+    # tests run their own on free ports.
+    if command -v pg_ctlcluster >/dev/null 2>&1; then
+        for v in /usr/lib/postgresql/*; do
+            pg_ctlcluster "$(basename "$v")" main stop >/dev/null 2>&1 || true
+        done
+    fi
 fi
 
 PY=${PYTHON:-python3}
