@@ -171,6 +171,16 @@ class _ReadView:
         if rev < self.first_rev:
             raise errors.CompactedError()
         index = self._store._index
+        if not end:
+            # A single key: one index lookup instead of a range scan (the
+            # most common request of all).
+            try:
+                mod, _, _ = index.get(key, rev)
+            except RevisionNotFoundError:
+                return [], 0, cur
+            if count_only:
+                return [], 1, cur
+            return [_parse_kv(self._txn.get(to_bytes(mod), db=self._store._backend.key_db))], 1, cur
         if count_only:
             return [], index.range_count(key, end, rev), cur
         _, revs, total = index.range(key, end, rev, limit)
@@ -385,18 +395,27 @@ class Store:
         """Validate and queue a logged request; the future resolves to its response.
 
         Raises the request's error at once when it fails a static check.
+        A request over the space quota gets a future that fails with
+        NoSpaceError once the NOSPACE alarm it raised is applied, so a
+        client that is refused sees the alarm, yet nobody blocks on it.
         """
         self._check_open()
+        cost = 0
         if kind == KIND_PUT:
-            self._check_quota(validate.put_cost(req))
+            cost = validate.put_cost(req)
+        elif kind == KIND_TXN:
+            cost = validate.txn_put_cost(req)
+        elif kind == KIND_LEASE_GRANT:
+            cost = LEASE_GRANT_COST
+        # etcd checks the quota before anything else in the request.
+        if cost and self._over_quota(cost):
+            return self._refuse_nospace()
+        if kind == KIND_PUT:
             validate.check_put(req)
         elif kind == KIND_DELETE_RANGE:
             validate.check_delete(req)
         elif kind == KIND_TXN:
-            self._check_quota(validate.txn_put_cost(req))
             validate.check_txn(req, self.options.max_txn_ops)
-        elif kind == KIND_LEASE_GRANT:
-            self._check_quota(LEASE_GRANT_COST)
         if kind in _CORRUPT_REFUSED:
             self._check_corrupt()
         data = req.SerializeToString()
@@ -406,21 +425,22 @@ class Store:
         self._queue.put((kind, data, req, fut))
         return fut
 
-    def _check_quota(self, cost: int) -> None:
+    def _over_quota(self, cost: int) -> bool:
         quota = self.options.quota_bytes
-        if cost == 0 or quota <= 0:
-            return
         # The file size is sampled after every commit rather than stat'ed
         # per request: the quota is approximate by a batch either way.
-        if self._db_size + cost < quota:
-            return
-        if (self.options.member_id, pb.NOSPACE) not in self._alarms:
-            alarm = pb.AlarmRequest(action=pb.AlarmRequest.ACTIVATE, memberID=self.options.member_id, alarm=pb.NOSPACE)
-            # Raised through the log like any state change, but not waited
-            # for: the caller may be an event loop, and the answer is
-            # already known.
-            self.propose(KIND_ALARM, alarm)
-        raise errors.NoSpaceError()
+        return quota > 0 and self._db_size + cost >= quota
+
+    def _refuse_nospace(self) -> Future:
+        refused: Future = Future()
+        if (self.options.member_id, pb.NOSPACE) in self._alarms:
+            refused.set_exception(errors.NoSpaceError())
+            return refused
+        # The alarm is a logged change like any other; the refusal resolves
+        # once it is applied.
+        alarm = pb.AlarmRequest(action=pb.AlarmRequest.ACTIVATE, memberID=self.options.member_id, alarm=pb.NOSPACE)
+        self.propose(KIND_ALARM, alarm).add_done_callback(lambda _: refused.set_exception(errors.NoSpaceError()))
+        return refused
 
     def _check_corrupt(self) -> None:
         if any(a == pb.CORRUPT for _, a in self._alarms):

@@ -138,7 +138,11 @@ def apply_put(view, p: pb.PutRequest) -> pb.PutResponse:
 
 def apply_txn(view, t: pb.TxnRequest) -> pb.TxnResponse:
     path = _compare_to_path(view, t)
-    _check_txn(view, t, path, 0, [])
+    # Two passes over the taken path, as etcd does: every put first, then
+    # every range.  A txn that fails both ways reports the put's error
+    # (e.g. "key not found" before a range's "future revision").
+    _check_txn(t, path, 0, _PutChecks(view))
+    _check_txn(t, path, 0, _RangeChecks(view))
     resp = pb.TxnResponse()
     _execute_txn(view, t, path, 0, resp)
     resp.header.revision = view.rev
@@ -155,26 +159,47 @@ def _compare_to_path(view, t: pb.TxnRequest) -> list[bool]:
     return path
 
 
-def _check_txn(view, t: pb.TxnRequest, path: list[bool], pos: int, cleared: list[bytes]) -> int:
-    """Dynamic checks of the taken path; returns the path position after it.
+def _check_txn(t: pb.TxnRequest, path: list[bool], pos: int, check) -> int:
+    """Run ``check`` on every op of the taken path, in execution order;
+    returns the path position after this txn."""
+    ops = t.success if path[pos] else t.failure
+    pos += 1
+    for op in ops:
+        if op.WhichOneof("request") == "request_txn":
+            pos = _check_txn(op.request_txn, path, pos, check)
+        else:
+            check(op)
+    return pos
+
+
+class _PutChecks:
+    """Leases and ``ignore_*`` of the taken path's puts.
 
     ``cleared`` collects, in execution order, the start keys of the taken
     path's deletes with range_end b"\0" (see ``_check_put``).
     """
-    ops = t.success if path[pos] else t.failure
-    pos += 1
-    for op in ops:
+
+    def __init__(self, view):
+        self._view = view
+        self._cleared: list[bytes] = []
+
+    def __call__(self, op: pb.RequestOp) -> None:
         which = op.WhichOneof("request")
-        if which == "request_range":
-            _check_txn_range(view, op.request_range)
-        elif which == "request_put":
-            _check_put(view, op.request_put, cleared)
-        elif which == "request_delete_range":
-            if op.request_delete_range.range_end == b"\0":
-                cleared.append(op.request_delete_range.key)
-        elif which == "request_txn":
-            pos = _check_txn(view, op.request_txn, path, pos, cleared)
-    return pos
+        if which == "request_put":
+            _check_put(self._view, op.request_put, self._cleared)
+        elif which == "request_delete_range" and op.request_delete_range.range_end == b"\0":
+            self._cleared.append(op.request_delete_range.key)
+
+
+class _RangeChecks:
+    """Revisions of the taken path's ranges."""
+
+    def __init__(self, view):
+        self._view = view
+
+    def __call__(self, op: pb.RequestOp) -> None:
+        if op.WhichOneof("request") == "request_range":
+            _check_txn_range(self._view, op.request_range)
 
 
 def _check_txn_range(view, r: pb.RangeRequest) -> None:

@@ -282,7 +282,10 @@ class WatchHub:
             self._thread.start()
 
     def _run(self) -> None:
-        next_sync = next_progress = time.monotonic()
+        next_sync = time.monotonic()
+        # The first progress notification is due one interval after start,
+        # not at once.
+        next_progress = next_sync + self.progress_interval
         while not self._stop.wait(self._victim_retry):
             try:
                 if self._victims:
@@ -293,8 +296,7 @@ class WatchHub:
                     if self._unsynced:
                         self.sync_once()
                 if now >= next_progress:
-                    if next_progress != 0:
-                        self._progress_tick()
+                    self._progress_tick()
                     next_progress = now + self.progress_interval
             except errors.StoppedError:
                 return

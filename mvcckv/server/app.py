@@ -11,8 +11,8 @@ Life cycle::
     a second signal: os._exit at once (safe: every acknowledged write is in
                     the WAL, which the next start replays)
 
-Services: KV, Maintenance, Cluster and grpc.health.v1.Health.  Watch, Lease
-and Auth are not registered yet, so clients get UNIMPLEMENTED for them.
+Services: KV, Watch, Lease, Maintenance, Cluster and grpc.health.v1.Health.
+Auth is not registered yet, so clients get UNIMPLEMENTED for it.
 
 gRPC settings follow etcd (ETCD_SEMANTICS §1.3): receive limit
 max-request-bytes + 512 KiB, send limit 2^31-1, and keepalive enforcement
@@ -44,9 +44,11 @@ from mvcckv.server import identity
 from mvcckv.server.cluster import ClusterServicer
 from mvcckv.server.config import Config, Listener
 from mvcckv.server.kv import KVServicer
+from mvcckv.server.lease import LeaseServicer
 from mvcckv.server.maintenance import MaintenanceServicer
 from mvcckv.server.node import Node
 from mvcckv.server.rpctypes import InvalidClientAPIVersionError, status_code
+from mvcckv.server.watch import WatchServicer
 from mvcckv.store import DEFAULT_QUOTA, KIND_COMPACT
 
 log = logging.getLogger("mvcckv.server")
@@ -223,6 +225,10 @@ def _go_style(text: str) -> str:
 def build_server(node: Node, config: Config) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
     server = grpc.aio.server(options=grpc_options(config), interceptors=[MetadataInterceptor()])
     rpc_pb2_grpc.add_KVServicer_to_server(KVServicer(node), server)
+    node.store.watch_hub.progress_interval = config.watch_progress_notify_interval
+    rpc_pb2_grpc.add_WatchServicer_to_server(
+        WatchServicer(node, config.max_request_bytes + GRPC_OVERHEAD_BYTES), server)
+    rpc_pb2_grpc.add_LeaseServicer_to_server(LeaseServicer(node), server)
     rpc_pb2_grpc.add_MaintenanceServicer_to_server(MaintenanceServicer(node), server)
     rpc_pb2_grpc.add_ClusterServicer_to_server(ClusterServicer(node), server)
     health_servicer = health.aio.HealthServicer()

@@ -37,6 +37,9 @@ LOG_LEVELS = ("debug", "info", "warn", "error")
 _FLAGS: tuple[tuple[str, str | None, str], ...] = (
     ("name", "default", "Human-readable name of this member (MemberList)."),
     ("data-dir", None, "Path to the data directory (default: ./<name>.mvcckv, i.e. ./default.mvcckv)."),
+    ("backend", None,
+     "Where the data lives: empty for the LMDB store in --data-dir (the default), or a "
+     "postgresql:// URL to keep it in PostgreSQL (mvcckv.pg; --data-dir is then unused)."),
     ("listen-client-urls", "http://127.0.0.1:2379",
      "Comma-separated http:// URLs to serve clients on; the host must be an IP address or "
      "localhost and only that address is bound."),
@@ -91,6 +94,8 @@ class Listener:
 class Config:
     name: str = "default"
     data_dir: str = "default.mvcckv"
+    backend: str = ""
+    """A postgresql:// URL selecting the PostgreSQL engine; empty for LMDB."""
     listeners: tuple[Listener, ...] = ()
     advertise_client_urls: tuple[str, ...] = ()
     initial_advertise_peer_urls: tuple[str, ...] = ("http://localhost:2380",)
@@ -133,6 +138,9 @@ class Config:
         if not re.fullmatch(r"\d+\.\d+\.\d+", version):
             raise ConfigError(f"--emulated-version must look like 3.6.14, not {version!r}")
         progress = _progress_interval(args.experimental_watch_progress_notify_interval)
+        backend = args.backend or ""
+        if backend and urllib.parse.urlsplit(backend).scheme not in ("postgresql", "postgres"):
+            raise ConfigError(f"--backend must be a postgresql:// URL (or empty for LMDB), not {backend!r}")
         max_request = _int("max-request-bytes", args.max_request_bytes)
         max_ops = _int("max-txn-ops", args.max_txn_ops)
         if max_request <= 0 or max_ops <= 0:
@@ -140,6 +148,7 @@ class Config:
         return cls(
             name=name,
             data_dir=args.data_dir or f"{name}.mvcckv",
+            backend=backend,
             listeners=listeners,
             advertise_client_urls=tuple(advertise),
             initial_advertise_peer_urls=tuple(peers),
@@ -234,6 +243,9 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as err:
         print(f"mvcckv serve: error: {err}", file=sys.stderr)
         return 2
-    from mvcckv.server.app import main
+    if config.backend:
+        from mvcckv.pg.serve import main
+    else:
+        from mvcckv.server.app import main
 
     return main(config)

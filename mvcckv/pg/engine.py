@@ -1,0 +1,1152 @@
+"""PgEngine: the engine contract (kv.py) on PostgreSQL.
+
+Write path::
+
+    callers ──propose()──► queue ──► writer thread, one SQL transaction per batch:
+                                       SELECT ... FROM meta FOR UPDATE   (the revision lock)
+                                       apply each request through txn.py over a WriteView
+                                       UPDATE meta SET revision = ...    (fires the end marker)
+                                       COMMIT
+                                     hand the batch's changes to the change feed
+                                     resolve the callers' futures
+
+The ``meta`` row lock makes every writer in every process sharing the
+schema take turns, so revisions are one dense sequence committed in order
+(schema.py explains why a sequence would not do).  A request is validated
+before it is queued, with the same functions as the LMDB engine, so both
+refuse a bad request with the same error; the request-level rules (range
+options, compares, check-then-execute) are txn.py's, run over SQL views
+(view.py), so both engines answer alike.
+
+Reads run in a REPEATABLE READ READ ONLY transaction on a pooled
+connection: the revision and the rows come from one snapshot.  Watchers are
+fed by the change feed (feed.py) from LISTEN/NOTIFY, so a write on any
+process reaches the watchers of every process.
+
+Faults: a connection that breaks (PostgreSQL restarted, network cut) fails
+the request with :class:`~mvcckv.pg.errors.UnavailableError` (gRPC
+UNAVAILABLE: retry).  A transaction cut off before its COMMIT is rolled
+back by PostgreSQL, so a txn is never applied in part.  Each thread
+reconnects on its next request, a read retries once at once (a pooled
+connection may be stale after a restart), and the change feed reconnects
+and catches up from the table, so service resumes by itself.
+
+Leases live in the ``lease`` table; any process finds expired ones
+(``FOR UPDATE SKIP LOCKED``) and revokes them as its own revision, each
+lease in one revision as etcd does.  Compaction records the compaction
+revision in the batch that asks for it (reads below it fail at once) and
+deletes the dead rows in the background (compaction.py).
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import queue
+import re
+import secrets
+import tempfile
+import threading
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Callable
+
+import crc32c
+import psycopg
+from psycopg import IsolationLevel
+from psycopg.conninfo import conninfo_to_dict
+from psycopg_pool import ConnectionPool, PoolClosed, PoolTimeout
+
+from mvcckv import errors, txn as txnmod, validate
+from mvcckv.backend import (
+    ALARM,
+    DEFAULT_QUOTA,
+    LEASE,
+    META_FINISHED_COMPACT,
+    META_SCHEDULED_COMPACT,
+    Backend,
+)
+from mvcckv.hash import KeyValueHash
+from mvcckv.kv import (
+    KIND_ALARM,
+    KIND_COMPACT,
+    KIND_DELETE_RANGE,
+    KIND_LEASE_CHECKPOINT,
+    KIND_LEASE_GRANT,
+    KIND_LEASE_REVOKE,
+    KIND_PUT,
+    KIND_TXN,
+)
+from mvcckv.lease import DEFAULT_MIN_TTL, MAX_LEASE_TTL, lease_key
+from mvcckv.pb import kv_pb2, lease_pb2
+from mvcckv.pb import rpc_pb2 as pb
+from mvcckv.pg import compaction
+from mvcckv.pg.errors import ConnectError, UnavailableError
+from mvcckv.pg.feed import ChangeFeed, Changes, read_changes
+from mvcckv.pg.schema import channel, check_schema_name, migrate
+from mvcckv.pg.view import ReadView, WriteView, range_at
+from mvcckv.revision import to_bytes
+from mvcckv.store import (
+    DEFAULT_MAX_REQUEST_BYTES,
+    DEFAULT_MAX_TXN_OPS,
+    LEASE_GRANT_COST,
+    REQUEST_OVERHEAD,
+    Store,
+    StoreStatus,
+)
+
+log = logging.getLogger("mvcckv.pg")
+
+# What a CORRUPT alarm stops (§10.6), as in the LMDB engine.
+_CORRUPT_REFUSED = frozenset(
+    (KIND_PUT, KIND_DELETE_RANGE, KIND_TXN, KIND_COMPACT, KIND_LEASE_GRANT, KIND_LEASE_REVOKE)
+)
+_EXPIRE = -1  # internal writer item: revoke expired leases
+_WAKE = object()  # wakes the background thread to stop
+
+_MAX_BATCH = 256
+# A broken connection; anything else from psycopg is a bug or bad data.
+_CONNECTION_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError)
+
+_LOCK_META = """SELECT revision, compact_revision, finished_compact_revision,
+    (SELECT coalesce(json_agg(json_build_array(member_id, alarm)), '[]') FROM alarm)
+    FROM meta FOR UPDATE"""
+_SIZE = """SELECT coalesce(sum(pg_total_relation_size(oid)), 0)::bigint FROM pg_class
+    WHERE relnamespace = current_schema()::regnamespace AND relkind = 'r'"""
+
+_U64 = 1 << 64
+
+
+def _signed(v: int) -> int:
+    """A uint64 (member IDs) as the int64 PostgreSQL stores."""
+    return v - _U64 if v >= 1 << 63 else v
+
+
+def _unsigned(v: int) -> int:
+    return v + _U64 if v < 0 else v
+
+
+@dataclass(frozen=True)
+class PgOptions:
+    schema: str = "mvcckv"
+    """PostgreSQL schema holding the tables; one schema is one etcd keyspace."""
+    quota_bytes: int = DEFAULT_QUOTA
+    """Size of the schema's tables at which writes fail with NOSPACE (<= 0: none)."""
+    max_txn_ops: int = DEFAULT_MAX_TXN_OPS
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    member_id: int = 0
+    min_lease_ttl: int = DEFAULT_MIN_TTL
+    lease_expiry_tick: float = 0.5
+    """How often expired leases are looked for (and sizes refreshed)."""
+    pool_min_size: int = 1
+    pool_max_size: int = 8
+    connect_timeout: int = 5
+    """Seconds to wait for a new connection (libpq; at least 2)."""
+    acquire_timeout: float = 1.0
+    """Seconds a request waits for a pooled connection before failing."""
+    lock_timeout: float = 7.0
+    """Seconds a write waits for the revision lock (etcd's request timeout)."""
+    poll_interval: float = 1.0
+    """Idle seconds after which the change feed checks for missed revisions."""
+    compaction_batch_limit: int = 1000
+    """Revisions whose dead rows one compaction transaction deletes."""
+    compaction_sleep: float = 0.01
+
+
+@dataclass
+class _Batch:
+    """The state of one write transaction."""
+
+    begin: int
+    current: int
+    compact: int
+    finished: int
+    alarms: set[tuple[int, int]]
+    results: list = field(default_factory=list)
+    changes: Changes = field(default_factory=list)
+    jobs: list = field(default_factory=list)
+    view: WriteView | None = None
+
+    def has_alarm(self, alarm: int) -> bool:
+        return any(a == alarm for _, a in self.alarms)
+
+
+class _PartialWrite(Exception):
+    """A request failed after writing: the batch must not commit."""
+
+
+class _Deferred:
+    """A physical compaction's response, answered when the rows are gone."""
+
+    __slots__ = ("response", "future")
+
+    def __init__(self, response):
+        self.response = response
+        self.future: Future = Future()
+
+
+class PgEngine:
+    """An etcd-semantics MVCC engine on a PostgreSQL schema.
+
+    Thread-safe.  Use :func:`mvcckv.pg.open`.  Several engines (in one
+    process or many) on one schema behave as one etcd: one revision
+    sequence, every write visible to the reads and watches of all.
+    """
+
+    def __init__(self, dsn: str, options: PgOptions | None = None):
+        self.options = options or PgOptions()
+        schema = check_schema_name(self.options.schema)
+        self.dsn = dsn
+        # Where iter_snapshot stages a snapshot copy (the LMDB engine uses
+        # its data dir).
+        self.path = tempfile.gettempdir()
+        self._server_options = self._make_server_options(dsn)
+        self._mu = threading.Lock()
+        self._compact_rev = -1
+        self._finished_compact_rev = -1
+        self._alarms: set[tuple[int, int]] = set()
+        self._db_size = 0
+        self._listeners: list[Callable[[Changes], None]] = []
+        self._watch_hub = None
+        self._closed = False
+        self._stop = threading.Event()
+        self._queue: queue.Queue = queue.Queue()
+        self._jobs: queue.Queue = queue.Queue()
+        self._expire_pending = False
+        self._compaction_queued = 0
+        try:
+            with self._connect("setup") as conn:
+                migrate(conn, schema)
+                self._refresh(conn.cursor())
+            self._feed = ChangeFeed(
+                lambda: self._connect("listen"), channel(schema), self._emit, self._saw_compaction,
+                poll_interval=self.options.poll_interval,
+            )
+            self._feed.start()
+        except psycopg.Error as e:
+            raise ConnectError(f"cannot use PostgreSQL at {describe_dsn(dsn)}: {_one_line(e)}") from None
+        try:
+            self._pool = self._make_pool()
+        except BaseException:
+            self._feed.stop()
+            raise
+        self._writer = threading.Thread(target=self._run_writer, name="mvcckv-pg-writer", daemon=True)
+        self._background = threading.Thread(target=self._run_background, name="mvcckv-pg-background", daemon=True)
+        self._writer.start()
+        self._background.start()
+
+    # ------------------------------------------------------------------
+    # connections
+
+    def _make_pool(self) -> ConnectionPool:
+        return ConnectionPool(
+            self.dsn,
+            kwargs=self._connect_kwargs("pool", autocommit=False),
+            min_size=self.options.pool_min_size,
+            max_size=self.options.pool_max_size,
+            name=f"mvcckv:{self.options.schema}",
+            timeout=self.options.acquire_timeout,
+            # Give up reconnecting quickly: the next request asks again, so
+            # service resumes as soon as PostgreSQL is back instead of after
+            # a long backoff.
+            reconnect_timeout=max(self.options.acquire_timeout, 1.0),
+            open=True,
+        )
+
+    def _make_server_options(self, dsn: str) -> str:
+        try:
+            given = conninfo_to_dict(dsn).get("options") or ""
+        except psycopg.ProgrammingError as e:
+            raise ConnectError(f"invalid PostgreSQL connection string: {_one_line(e)}") from None
+        ours = (
+            f"-c search_path={self.options.schema}"
+            f" -c lock_timeout={int(self.options.lock_timeout * 1000)}"
+            # A process that stops while holding the revision lock must not
+            # stall every other one for long.
+            " -c idle_in_transaction_session_timeout=60000"
+        )
+        return f"{given} {ours}".strip()
+
+    def _connect_kwargs(self, role: str, autocommit: bool = True) -> dict:
+        return {
+            "autocommit": autocommit,
+            "connect_timeout": self.options.connect_timeout,
+            "application_name": f"mvcckv:{self.options.schema}:{role}",
+            "options": self._server_options,
+        }
+
+    def _connect(self, role: str, autocommit: bool = True) -> psycopg.Connection:
+        return psycopg.connect(self.dsn, **self._connect_kwargs(role, autocommit))
+
+    def _pooled(self, fn, *, read_only: bool = True):
+        """``fn(cursor)`` in one transaction on a pooled connection:
+        REPEATABLE READ READ ONLY for reads, READ COMMITTED otherwise.
+
+        ``fn`` must be safe to run twice: after a broken connection (a stale
+        one is expected after a PostgreSQL restart) it runs once more on a
+        fresh one before the request fails with UnavailableError.
+        """
+        self._check_open()
+        last: Exception | None = None
+        for _ in range(2):
+            try:
+                conn = self._pool.getconn()
+            except PoolTimeout:
+                detail = f" (last error: {_one_line(last)})" if last else ""
+                raise UnavailableError(
+                    f"no connection within {self.options.acquire_timeout:g} s{detail}"
+                ) from None
+            except PoolClosed:
+                raise errors.StoppedError() from None
+            broken = False
+            try:
+                conn.isolation_level = IsolationLevel.REPEATABLE_READ if read_only else IsolationLevel.READ_COMMITTED
+                conn.read_only = read_only
+                with conn.cursor() as cur:
+                    result = fn(cur)
+                conn.commit()
+                return result
+            except _CONNECTION_ERRORS as e:
+                last = e
+                broken = conn.broken or not _rollback(conn)
+            except BaseException:
+                _rollback(conn)
+                raise
+            finally:
+                self._pool.putconn(conn)
+            if broken:
+                # Drop every idle connection that died with this one.
+                self._pool.check()
+        raise UnavailableError(_one_line(last))
+
+    # ------------------------------------------------------------------
+    # reads
+
+    def range_request(self, req: pb.RangeRequest) -> pb.RangeResponse:
+        validate.check_range(req)
+        self._check_open()
+        self._check_corrupt()
+        return self._pooled(lambda cur: txnmod.execute_range(self._read_view(cur), req))
+
+    def txn_request(self, req: pb.TxnRequest) -> pb.TxnResponse:
+        """A Txn: read-only ones are answered at once, others are written."""
+        if validate.txn_is_read_only(req):
+            self._check_open()
+            self._check_corrupt()
+            validate.check_txn(req, self.options.max_txn_ops)
+            return self._pooled(lambda cur: txnmod.apply_txn(self._read_view(cur), req))
+        return self.propose(KIND_TXN, req).result()
+
+    def _read_view(self, cur) -> ReadView:
+        revision, compact = cur.execute("SELECT revision, compact_revision FROM meta").fetchone()
+        self._saw_compaction(compact)
+        return ReadView(cur, revision, compact)
+
+    def get_kv(self, key: bytes, revision: int = 0) -> kv_pb2.KeyValue | None:
+        """The KeyValue of ``key`` at ``revision`` (0 = current), or None."""
+
+        def get(cur):
+            view = self._read_view(cur)
+            kvs, _, _ = view.range_keys(key, b"", max(revision, 0), 0, False)
+            return kvs[0] if kvs else None
+
+        return self._pooled(get)
+
+    @property
+    def revision(self) -> int:
+        """The last revision handed to watchers (1 for an empty store).
+
+        Every revision this engine wrote is included by the time its writer
+        is answered; revisions written elsewhere arrive within milliseconds
+        (notifications) or ``poll_interval`` at worst.
+        """
+        return self._feed.last
+
+    @property
+    def compact_revision(self) -> int:
+        """The last compaction's revision, -1 if never compacted."""
+        return self._compact_rev
+
+    def _saw_compaction(self, rev: int) -> None:
+        with self._mu:
+            if rev > self._compact_rev:
+                self._compact_rev = rev
+
+    # ------------------------------------------------------------------
+    # writes
+
+    def propose(self, kind: int, req) -> Future:
+        """Validate and queue a write; the future resolves to its response.
+
+        Raises the request's error at once when it fails a static check.
+        """
+        self._check_open()
+        if kind == KIND_PUT:
+            self._check_quota(validate.put_cost(req))
+            validate.check_put(req)
+        elif kind == KIND_DELETE_RANGE:
+            validate.check_delete(req)
+        elif kind == KIND_TXN:
+            self._check_quota(validate.txn_put_cost(req))
+            validate.check_txn(req, self.options.max_txn_ops)
+        elif kind == KIND_LEASE_GRANT:
+            self._check_quota(LEASE_GRANT_COST)
+        if kind in _CORRUPT_REFUSED:
+            self._check_corrupt()
+        if len(req.SerializeToString()) + REQUEST_OVERHEAD > self.options.max_request_bytes:
+            raise errors.RequestTooLargeError()
+        fut: Future = Future()
+        self._queue.put((kind, req, fut))
+        return fut
+
+    def new_lease_request(self, ttl: int, lease_id: int = 0) -> pb.LeaseGrantRequest:
+        while lease_id == 0:
+            lease_id = secrets.randbits(63)
+        return pb.LeaseGrantRequest(TTL=ttl, ID=lease_id)
+
+    def _check_quota(self, cost: int) -> None:
+        quota = self.options.quota_bytes
+        if cost == 0 or quota <= 0 or self._db_size + cost < quota:
+            return
+        if (self.options.member_id, pb.NOSPACE) not in self._alarms:
+            alarm = pb.AlarmRequest(action=pb.AlarmRequest.ACTIVATE, memberID=self.options.member_id, alarm=pb.NOSPACE)
+            self.propose(KIND_ALARM, alarm)
+        raise errors.NoSpaceError()
+
+    def _check_corrupt(self) -> None:
+        if any(a == pb.CORRUPT for _, a in self._alarms):
+            raise errors.CorruptError()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise errors.StoppedError()
+
+    def _run_writer(self) -> None:
+        conn: psycopg.Connection | None = None
+        q = self._queue
+        while True:
+            item = q.get()
+            if item is None:
+                break
+            batch = [item]
+            stop = False
+            while len(batch) < _MAX_BATCH:
+                try:
+                    nxt = q.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    stop = True
+                    break
+                batch.append(nxt)
+            if any(kind == _EXPIRE for kind, _, _ in batch):
+                # Applied or failed, the next tick looks again.
+                self._expire_pending = False
+            try:
+                conn = self._write_batch(conn, batch)
+            except BaseException as e:  # noqa: BLE001 - answer the callers, keep writing
+                log.exception("write batch failed")
+                self._fail(batch, e)
+                conn = _close(conn)
+            if stop:
+                break
+        _close(conn)
+        self._fail_queued()
+
+    def _write_batch(self, conn: psycopg.Connection | None, batch) -> psycopg.Connection | None:
+        """One transaction for ``batch``; returns the connection to reuse."""
+        for attempt in range(2):
+            fresh = conn is None or conn.closed
+            if fresh:
+                try:
+                    conn = self._connect("writer", autocommit=False)
+                except psycopg.Error as e:
+                    self._fail(batch, UnavailableError(_one_line(e)))
+                    return None
+            try:
+                state = self._apply_batch(conn, batch)
+            except _CONNECTION_ERRORS as e:
+                if not conn.broken and _rollback(conn):
+                    # e.g. the revision lock timed out
+                    self._fail(batch, UnavailableError(_one_line(e)))
+                    return conn
+                conn = _close(conn)
+                if not fresh and attempt == 0:
+                    continue  # stale after a restart; nothing was sent to commit
+                self._fail(batch, UnavailableError(_one_line(e)))
+                return None
+            except _PartialWrite as e:
+                self._fail(batch, errors.StorageError(str(e)))
+                return conn if _rollback(conn) else _close(conn)
+            except BaseException:
+                _close(conn)
+                raise
+            try:
+                conn.commit()
+            except _CONNECTION_ERRORS as e:
+                _close(conn)
+                self._fail(batch, UnavailableError(f"the write may or may not have been applied: {_one_line(e)}"))
+                return None
+            self._after_commit(state)
+            return conn
+        return None
+
+    def _apply_batch(self, conn: psycopg.Connection, batch) -> _Batch:
+        cur = conn.cursor()
+        current, compact, finished, alarms = cur.execute(_LOCK_META).fetchone()
+        state = _Batch(current, current, compact, finished, {(_unsigned(m), a) for m, a in alarms})
+        for kind, req, fut in batch:
+            state.view = None
+            try:
+                resp = self._apply(cur, state, kind, req)
+            except errors.MvccError as e:
+                if state.view is not None and state.view.changes:
+                    raise _PartialWrite(f"a request failed after writing ({e}); the batch was rolled back") from e
+                state.results.append((fut, None, e))
+            else:
+                state.results.append((fut, resp, None))
+        if state.current != current or state.compact != compact:
+            cur.execute("UPDATE meta SET revision = %s, compact_revision = %s", (state.current, state.compact))
+        return state
+
+    def _after_commit(self, state: _Batch) -> None:
+        self._saw_compaction(state.compact)
+        self._alarms = state.alarms
+        if state.changes:
+            # Watchers hear of a revision before its writer is answered.
+            try:
+                self._feed.deliver(state.changes, self._fill)
+            except (errors.MvccError, psycopg.Error) as e:
+                log.warning("watchers will get revisions %d-%d from the listener: %s",
+                            state.changes[0][0], state.changes[-1][0], e)
+        for job in state.jobs:
+            with self._mu:
+                self._compaction_queued += 1
+            self._jobs.put(job)
+        for fut, resp, err in state.results:
+            if fut is None:
+                continue
+            if err is not None:
+                fut.set_exception(err)
+            elif isinstance(resp, _Deferred):
+                resp.future.add_done_callback(_chain(fut))
+            else:
+                fut.set_result(resp)
+
+    def _fill(self, lo: int, hi: int) -> Changes:
+        return self._pooled(lambda cur: read_changes(cur, lo, hi))
+
+    def _fail(self, batch, err: BaseException) -> None:
+        for _, _, fut in batch:
+            if fut is not None and not fut.done():
+                fut.set_exception(err)
+
+    def _fail_queued(self) -> None:
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if item is not None and item[2] is not None:
+                item[2].set_exception(errors.StoppedError())
+
+    def _apply(self, cur, state: _Batch, kind: int, req):
+        """Apply one request inside the batch's transaction.
+
+        As in the LMDB engine every check that can fail runs before the
+        request's first write; _apply_batch refuses to commit if one did not.
+        """
+        if kind in (KIND_PUT, KIND_DELETE_RANGE, KIND_TXN, KIND_LEASE_REVOKE):
+            view = state.view = WriteView(cur, state.current, state.compact)
+            if kind == KIND_PUT:
+                if state.has_alarm(pb.NOSPACE):
+                    raise errors.NoSpaceError()
+                resp = txnmod.apply_put(view, req)
+            elif kind == KIND_DELETE_RANGE:
+                resp = txnmod.execute_delete(view, req)
+            elif kind == KIND_TXN:
+                if state.has_alarm(pb.NOSPACE) and validate.txn_put_cost(req) > 0:
+                    raise errors.NoSpaceError()
+                resp = txnmod.apply_txn(view, req)
+            else:
+                resp = self._revoke(cur, view, req.ID)
+            self._end(state, view)
+            return resp
+        if kind == KIND_COMPACT:
+            return self._apply_compact(state, req)
+        if kind == KIND_ALARM:
+            return self._apply_alarm(cur, state, req)
+        if kind == KIND_LEASE_GRANT:
+            return self._apply_lease_grant(cur, state, req)
+        if kind == KIND_LEASE_CHECKPOINT:
+            # Expiry times are stored, not counted down in memory, so there
+            # is no remaining TTL to record.
+            resp = pb.LeaseCheckpointResponse()
+            resp.header.revision = state.current
+            return resp
+        if kind == _EXPIRE:
+            return self._expire(cur, state)
+        raise errors.StorageError(f"unknown request kind {kind}")
+
+    def _end(self, state: _Batch, view: WriteView) -> None:
+        if view.changes:
+            state.current += 1
+            state.changes.append((state.current, view.changes))
+
+    # ------------------------------------------------------------------
+    # compaction
+
+    def _apply_compact(self, state: _Batch, req: pb.CompactionRequest):
+        rev = req.revision
+        if rev <= state.compact:
+            raise errors.CompactedError()
+        if rev > state.current:
+            raise errors.FutureRevisionError()
+        prev = state.compact
+        prev_completed = state.finished == state.compact
+        state.compact = rev
+        resp = pb.CompactionResponse()
+        resp.header.revision = state.current
+        deferred = _Deferred(resp) if req.physical else None
+        state.jobs.append((rev, prev, prev_completed, deferred))
+        return deferred if deferred is not None else resp
+
+    def _run_compaction(self, job) -> None:
+        rev, prev, record_hash, deferred = job
+        outcome = compaction.STOPPED
+        try:
+            with self._connect("compact") as conn:
+                outcome = compaction.compact(
+                    conn, rev, prev, record_hash,
+                    batch_revisions=self.options.compaction_batch_limit,
+                    pause=self.options.compaction_sleep,
+                    stopping=self._stop.is_set,
+                )
+        except psycopg.Error as e:
+            # Still scheduled in meta: a later tick (here or in another
+            # process) resumes it.
+            log.warning("compaction at revision %d interrupted: %s", rev, _one_line(e))
+            if deferred is not None:
+                deferred.future.set_exception(UnavailableError(_one_line(e)))
+            deferred = None
+        if outcome == compaction.BUSY and deferred is not None and not self._stop.is_set():
+            # Another process is compacting; the caller waits for ours.
+            self._stop.wait(0.05)
+            self._jobs.put(job)
+            return
+        with self._mu:
+            self._compaction_queued -= 1
+        if deferred is not None:
+            if outcome == compaction.STOPPED:
+                deferred.future.set_exception(errors.StoppedError())
+            else:
+                deferred.future.set_result(deferred.response)
+
+    def compact(self, revision: int, *, physical: bool = False) -> pb.CompactionResponse:
+        """Drop history before ``revision``; with ``physical`` wait until the
+        rows are gone too."""
+        return self.propose(KIND_COMPACT, pb.CompactionRequest(revision=revision, physical=physical)).result()
+
+    # ------------------------------------------------------------------
+    # alarms
+
+    def _apply_alarm(self, cur, state: _Batch, req: pb.AlarmRequest):
+        resp = pb.AlarmResponse()
+        resp.header.revision = state.current
+        if req.action == pb.AlarmRequest.GET:
+            for mid, a in sorted(state.alarms):
+                if req.alarm == pb.NONE or req.alarm == a:
+                    resp.alarms.add(memberID=mid, alarm=a)
+        elif req.action == pb.AlarmRequest.ACTIVATE:
+            if req.alarm != pb.NONE:
+                cur.execute(
+                    "INSERT INTO alarm (member_id, alarm) VALUES (%s, %s) ON CONFLICT DO NOTHING",
+                    (_signed(req.memberID), req.alarm),
+                )
+                state.alarms = state.alarms | {(req.memberID, req.alarm)}
+                resp.alarms.add(memberID=req.memberID, alarm=req.alarm)
+        elif req.action == pb.AlarmRequest.DEACTIVATE:
+            if (req.memberID, req.alarm) in state.alarms:
+                cur.execute(
+                    "DELETE FROM alarm WHERE member_id = %s AND alarm = %s", (_signed(req.memberID), req.alarm)
+                )
+                state.alarms = state.alarms - {(req.memberID, req.alarm)}
+                resp.alarms.add(memberID=req.memberID, alarm=req.alarm)
+        return resp
+
+    def alarms(self) -> list[tuple[int, int]]:
+        """Active alarms as (member ID, AlarmType) pairs."""
+        return sorted(self._alarms)
+
+    # ------------------------------------------------------------------
+    # leases
+
+    def _apply_lease_grant(self, cur, state: _Batch, req: pb.LeaseGrantRequest):
+        if state.has_alarm(pb.NOSPACE):
+            raise errors.NoSpaceError()
+        if req.ID == 0:
+            raise errors.LeaseNotFoundError()
+        if req.TTL > MAX_LEASE_TTL:
+            raise errors.LeaseTTLTooLargeError()
+        ttl = max(req.TTL, self.options.min_lease_ttl)
+        row = cur.execute(
+            "INSERT INTO lease (id, ttl, last_keepalive, expires_at)"
+            " VALUES (%s, %s, clock_timestamp(), clock_timestamp() + %s * interval '1 second')"
+            " ON CONFLICT (id) DO NOTHING RETURNING id",
+            (req.ID, ttl, ttl),
+        ).fetchone()
+        if row is None:
+            raise errors.LeaseExistsError()
+        resp = pb.LeaseGrantResponse(ID=req.ID, TTL=ttl)
+        resp.header.revision = state.current
+        return resp
+
+    def _revoke(self, cur, view: WriteView, lease_id: int) -> pb.LeaseRevokeResponse:
+        # Every attached key is deleted in this one write: one revision, one
+        # sub revision per key in key order.
+        if cur.execute("DELETE FROM lease WHERE id = %s RETURNING id", (lease_id,)).fetchone() is None:
+            raise errors.LeaseNotFoundError()
+        keys = sorted(k for (k,) in cur.execute("DELETE FROM key_lease WHERE lease = %s RETURNING key", (lease_id,)))
+        view.delete_keys(keys)
+        resp = pb.LeaseRevokeResponse()
+        resp.header.revision = view.rev
+        return resp
+
+    def _expire(self, cur, state: _Batch) -> None:
+        """Revoke expired leases, each in its own revision (§9.4).
+
+        SKIP LOCKED passes over a lease whose keep-alive is being written
+        right now: the keep-alive wins, as it would have a moment earlier.
+        """
+        ids = [lid for (lid,) in cur.execute(
+            "SELECT id FROM lease WHERE expires_at <= clock_timestamp()"
+            " ORDER BY expires_at LIMIT 500 FOR UPDATE SKIP LOCKED"
+        )]
+        for lid in ids:
+            view = state.view = WriteView(cur, state.current, state.compact)
+            self._revoke(cur, view, lid)
+            self._end(state, view)
+        if ids:
+            log.info("revoked %d expired lease(s)", len(ids))
+
+    def lease_grant(self, ttl: int, lease_id: int = 0) -> pb.LeaseGrantResponse:
+        """Grant a lease of ``ttl`` seconds (raised to the minimum TTL);
+        ``lease_id`` 0 picks a fresh positive ID."""
+        return self.propose(KIND_LEASE_GRANT, self.new_lease_request(ttl, lease_id)).result()
+
+    def lease_keepalive(self, lease_id: int) -> int:
+        """Renew a lease; its TTL, or 0 if it does not exist or has expired.
+
+        A lease that expired but is still being revoked answers 0 once the
+        revoke is done (the UPDATE waits for the revoke's row lock).
+        """
+
+        def renew(cur):
+            row = cur.execute(
+                "UPDATE lease SET last_keepalive = clock_timestamp(),"
+                " expires_at = clock_timestamp() + ttl * interval '1 second'"
+                " WHERE id = %s AND expires_at > clock_timestamp() RETURNING ttl",
+                (lease_id,),
+            ).fetchone()
+            return row[0] if row else 0
+
+        return self._pooled(renew, read_only=False)
+
+    def lease_ttl(self, lease_id: int, keys: bool = False) -> pb.LeaseTimeToLiveResponse:
+        """etcd's LeaseTimeToLive; an unknown lease answers TTL -1."""
+
+        def ttl(cur):
+            resp = pb.LeaseTimeToLiveResponse(ID=lease_id)
+            resp.header.revision = cur.execute("SELECT revision FROM meta").fetchone()[0]
+            row = cur.execute(
+                "SELECT ttl, extract(epoch FROM expires_at - clock_timestamp())::float8 FROM lease WHERE id = %s",
+                (lease_id,),
+            ).fetchone()
+            if row is None:
+                resp.TTL = -1
+                return resp
+            resp.grantedTTL, remaining = row
+            resp.TTL = int(max(0.0, remaining))
+            if keys:
+                resp.keys.extend(
+                    k for (k,) in cur.execute("SELECT key FROM key_lease WHERE lease = %s ORDER BY key", (lease_id,))
+                )
+            return resp
+
+        return self._pooled(ttl)
+
+    def leases(self) -> pb.LeaseLeasesResponse:
+        """All lease IDs, soonest to expire first."""
+
+        def list_leases(cur):
+            resp = pb.LeaseLeasesResponse()
+            resp.header.revision = cur.execute("SELECT revision FROM meta").fetchone()[0]
+            for (lid,) in cur.execute("SELECT id FROM lease ORDER BY expires_at, id"):
+                resp.leases.add(ID=lid)
+            return resp
+
+        return self._pooled(list_leases)
+
+    def lease_revoke(self, lease_id: int) -> pb.LeaseRevokeResponse:
+        """Revoke a lease, deleting its keys in one revision."""
+        return self.propose(KIND_LEASE_REVOKE, pb.LeaseRevokeRequest(ID=lease_id)).result()
+
+    # ------------------------------------------------------------------
+    # background: lease expiry, sizes, compaction jobs
+
+    def _run_background(self) -> None:
+        tick = self.options.lease_expiry_tick
+        while not self._stop.is_set():
+            try:
+                job = self._jobs.get(timeout=tick)
+            except queue.Empty:
+                job = None
+            if self._stop.is_set() or job is _WAKE:
+                break
+            if job is not None:
+                self._run_compaction(job)
+                continue
+            try:
+                self._tick()
+            except errors.StoppedError:
+                pass  # PostgreSQL unavailable or closing; try again next tick
+            except Exception:  # noqa: BLE001 - keep ticking; say why
+                log.exception("background tick failed")
+        while True:  # answer physical compactions that will not run now
+            try:
+                job = self._jobs.get_nowait()
+            except queue.Empty:
+                return
+            if job is not _WAKE and job[3] is not None:
+                job[3].future.set_exception(errors.StoppedError())
+
+    def _tick(self) -> None:
+        pause = max(3 * self.options.lease_expiry_tick, 2.0)
+
+        def tick(cur):
+            row = cur.execute("SELECT heartbeat, clock_timestamp() FROM lessor FOR UPDATE SKIP LOCKED").fetchone()
+            if row is not None:
+                heartbeat, now = row
+                if heartbeat is not None and (now - heartbeat).total_seconds() > pause:
+                    # Nobody checked leases for a while (every server was
+                    # down, or PostgreSQL was): that time does not count.
+                    gap = now - heartbeat + datetime.timedelta(seconds=1)
+                    n = cur.execute("UPDATE lease SET expires_at = expires_at + %s", (gap,)).rowcount
+                    if n:
+                        log.info("leases were unattended for %.1f s; extended %d lease(s)", gap.total_seconds(), n)
+                cur.execute("UPDATE lessor SET heartbeat = %s", (now,))
+            expired = cur.execute("SELECT EXISTS (SELECT 1 FROM lease WHERE expires_at <= clock_timestamp())").fetchone()[0]
+            self._refresh(cur)
+            return expired
+
+        expired = self._pooled(tick, read_only=False)
+        if expired and not self._expire_pending:
+            self._expire_pending = True
+            self._queue.put((_EXPIRE, None, None))
+        with self._mu:
+            resume = self._compaction_queued == 0 and self._finished_compact_rev < self._compact_rev
+            if resume:
+                self._compaction_queued += 1
+        if resume:
+            # Scheduled but not finished: its process died, or the job failed.
+            self._jobs.put((self._compact_rev, self._finished_compact_rev, False, None))
+
+    def _refresh(self, cur) -> None:
+        _, compact, finished = cur.execute(
+            "SELECT revision, compact_revision, finished_compact_revision FROM meta"
+        ).fetchone()
+        self._saw_compaction(compact)
+        self._finished_compact_rev = finished
+        self._alarms = {(_unsigned(m), a) for m, a in cur.execute("SELECT member_id, alarm FROM alarm")}
+        self._db_size = cur.execute(_SIZE).fetchone()[0]
+
+    # ------------------------------------------------------------------
+    # watch
+
+    def add_commit_listener(self, fn: Callable[[Changes], None]) -> None:
+        """Call ``fn(changes)`` with every committed revision, in order and
+        once, whichever process wrote it; ``changes`` is a list of
+        (revision, [(is_delete, KeyValue), ...]).  ``fn`` must not block."""
+        self._listeners.append(fn)
+
+    def remove_commit_listener(self, fn: Callable[[Changes], None]) -> None:
+        self._listeners.remove(fn)
+
+    def _emit(self, changes: Changes) -> None:
+        for fn in list(self._listeners):
+            try:
+                fn(changes)
+            except Exception:  # noqa: BLE001 - a listener must not stop the feed
+                log.exception("commit listener failed")
+
+    @property
+    def watch_hub(self):
+        """The engine's WatchHub (created on first use)."""
+        if self._watch_hub is None:
+            from mvcckv.watch import WatchHub
+
+            with self._mu:
+                if self._watch_hub is None:
+                    self._watch_hub = WatchHub(self)
+        return self._watch_hub
+
+    def prev_kv(self, key: bytes, revision: int) -> kv_pb2.KeyValue | None:
+        """The KeyValue of ``key`` at ``revision`` if still known (watch prev_kv)."""
+        try:
+            return self.get_kv(key, revision)
+        except (errors.CompactedError, errors.FutureRevisionError):
+            return None
+        except UnavailableError as e:
+            log.warning("watch event of %r sent without prev_kv: %s", key, e)
+            return None
+
+    def read_changes(self, low: int, max_revisions: int):
+        """Changes of revisions >= ``low`` from the table, for watch catch-up.
+
+        Returns ``(changes, current, upto)`` as the LMDB engine does.
+        """
+
+        def read(cur):
+            current = cur.execute("SELECT revision FROM meta").fetchone()[0]
+            upto = min(current, max(low, 1) + max_revisions - 1)
+            return read_changes(cur, max(low, 1), upto), current, upto
+
+        try:
+            return self._pooled(read)
+        except UnavailableError as e:
+            # Not a StoppedError to the watch hub: its catch-up pass must
+            # fail and be retried, not end.
+            raise ConnectionError(str(e)) from None
+
+    # ------------------------------------------------------------------
+    # maintenance
+
+    def hash_kv(self, revision: int = 0) -> tuple[KeyValueHash, int]:
+        """etcd's HashKV: (hash of history up to revision, current revision)."""
+
+        def hash_kv(cur):
+            current, compact = cur.execute("SELECT revision, compact_revision FROM meta").fetchone()
+            if 0 < revision < compact:
+                raise errors.CompactedError()
+            if revision > current:
+                raise errors.FutureRevisionError()
+            rev = current if revision <= 0 else revision
+            return compaction.hash_kv(cur.connection, compact, rev), current
+
+        return self._pooled(hash_kv)
+
+    def hash(self) -> tuple[int, int]:
+        """CRC-32C over the schema's tables (name, then each row as a key and
+        a value), like the LMDB engine's Hash.  Implementation-specific: it
+        matches another PostgreSQL engine with the same contents."""
+
+        def hash_all(cur):
+            current = cur.execute("SELECT revision FROM meta").fetchone()[0]
+            h = crc32c.crc32c(b"alarm")
+            for mid, alarm in cur.execute("SELECT member_id, alarm FROM alarm ORDER BY member_id, alarm"):
+                h = crc32c.crc32c(pb.AlarmMember(memberID=_unsigned(mid), alarm=alarm).SerializeToString(), h)
+            h = crc32c.crc32c(b"config", h)
+            with cur.connection.cursor(name="mvcckv_hash_all") as rows:
+                rows.itersize = 2000
+                rows.execute(
+                    "SELECT revision, sub, tombstone, key, value, create_revision, version, lease"
+                    " FROM config ORDER BY revision, sub"
+                )
+                for row in rows:
+                    k, v = compaction.entry(row)
+                    h = crc32c.crc32c(v, crc32c.crc32c(k, h))
+            h = crc32c.crc32c(b"lease", h)
+            for lid, ttl in cur.execute("SELECT id, ttl FROM lease ORDER BY id"):
+                h = crc32c.crc32c(lease_pb2.Lease(ID=lid, TTL=ttl).SerializeToString(), crc32c.crc32c(lease_key(lid), h))
+            return h, current
+
+        return self._pooled(hash_all)
+
+    def status(self) -> StoreStatus:
+        def status(cur):
+            revision, compact = cur.execute("SELECT revision, compact_revision FROM meta").fetchone()
+            _, keys = range_at(cur, b"\0", b"\0", revision, 0, True)
+            size = cur.execute(_SIZE).fetchone()[0]
+            # raft_index / applied_index: the revision is this engine's log position.
+            return StoreStatus(revision, compact, size, size, keys, revision, revision)
+
+        return self._pooled(status)
+
+    def defrag(self) -> tuple[int, int]:
+        """VACUUM the schema's tables; (size before, size after).
+
+        Plain VACUUM, not VACUUM FULL: it makes the space of deleted rows
+        reusable while reads and writes go on (FULL would lock every table
+        for the whole rewrite).
+        """
+        self._check_open()
+        try:
+            with self._connect("defrag") as conn:
+                before = conn.execute(_SIZE).fetchone()[0]
+                for table in ("config", "key_lease", "lease", "meta", "lessor", "alarm", "compaction_hash"):
+                    conn.execute(f"VACUUM (ANALYZE) {table}")
+                return before, conn.execute(_SIZE).fetchone()[0]
+        except _CONNECTION_ERRORS as e:
+            raise UnavailableError(_one_line(e)) from None
+
+    def snapshot(self, fd: int) -> None:
+        """Write a consistent copy of the keyspace to ``fd`` as an LMDB
+        database in the LMDB engine's layout, so ``mvcckv snapshot restore``
+        turns it into a data dir.  Leases keep their remaining TTL."""
+
+        def copy(cur):
+            with tempfile.TemporaryDirectory(prefix="mvcckv-pg-snapshot-", dir=self.path) as tmp:
+                backend = Backend(tmp, quota_bytes=0)
+                try:
+                    _copy_to_backend(cur, backend)
+                    backend.copy_to(fd)
+                finally:
+                    backend.close()
+
+        self._pooled(copy)
+
+    def identity(self, cluster_id: int, member_id: int) -> tuple[int, int]:
+        """The schema's (cluster ID, member ID), recording these on first use."""
+        cid, mid = self._pooled(
+            lambda cur: cur.execute(
+                "UPDATE meta SET cluster_id = coalesce(cluster_id, %s), member_id = coalesce(member_id, %s)"
+                " RETURNING cluster_id, member_id",
+                (_signed(cluster_id), _signed(member_id)),
+            ).fetchone(),
+            read_only=False,
+        )
+        return _unsigned(cid), _unsigned(mid)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._watch_hub is not None:
+            self._watch_hub.close()
+        self._queue.put(None)
+        self._writer.join()
+        self._stop.set()
+        self._jobs.put(_WAKE)
+        self._background.join()
+        self._feed.stop()
+        self._pool.close()
+
+    def __enter__(self) -> "PgEngine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------
+    # the embedded API: the LMDB store's methods, which only propose and
+    # read through the engine contract, so both engines offer the same one.
+
+    put = Store.put
+    get = Store.get
+    range = Store.range
+    delete = Store.delete
+    txn = Store.txn
+    alarm = Store.alarm
+    watch = Store.watch
+
+
+def _copy_to_backend(cur, backend: Backend) -> None:
+    revision, compact, finished = cur.execute(
+        "SELECT revision, compact_revision, finished_compact_revision FROM meta"
+    ).fetchone()
+    with cur.connection.cursor(name="mvcckv_snapshot") as rows:
+        rows.itersize = 2000
+        rows.execute(
+            "SELECT revision, sub, tombstone, key, value, create_revision, version, lease"
+            " FROM config ORDER BY revision, sub"
+        )
+        batch: list[tuple[bytes, bytes]] = []
+        for row in rows:
+            batch.append(compaction.entry(row))
+            if len(batch) >= 10000:
+                _put_all(backend, backend.key_db, batch)
+                batch = []
+        _put_all(backend, backend.key_db, batch)
+    leases = [
+        (lease_key(lid), lease_pb2.Lease(ID=lid, TTL=ttl, RemainingTTL=max(1, int(-(-remaining // 1)))).SerializeToString())
+        for lid, ttl, remaining in cur.execute(
+            "SELECT id, ttl, extract(epoch FROM expires_at - clock_timestamp())::float8 FROM lease"
+        )
+    ]
+    _put_all(backend, backend.dbs[LEASE], leases)
+    alarms = [
+        (pb.AlarmMember(memberID=_unsigned(m), alarm=a).SerializeToString(), b"")
+        for m, a in cur.execute("SELECT member_id, alarm FROM alarm")
+    ]
+    _put_all(backend, backend.dbs[ALARM], alarms)
+    meta = []
+    if compact >= 0:
+        meta.append((META_SCHEDULED_COMPACT, to_bytes((compact, 0))))
+    if finished >= 0:
+        meta.append((META_FINISHED_COMPACT, to_bytes((finished, 0))))
+    _put_all(backend, backend.meta_db, meta)
+
+
+def _put_all(backend: Backend, db, items: list[tuple[bytes, bytes]]) -> None:
+    if items:
+        with backend.begin_write() as txn:
+            for k, v in items:
+                txn.put(k, v, db=db)
+
+
+def _chain(caller: Future):
+    def done(f: Future) -> None:
+        if f.exception() is not None:
+            caller.set_exception(f.exception())
+        else:
+            caller.set_result(f.result())
+
+    return done
+
+
+def _rollback(conn: psycopg.Connection) -> bool:
+    """Roll back; False if the connection died doing it."""
+    try:
+        conn.rollback()
+    except _CONNECTION_ERRORS:
+        return False
+    return True
+
+
+def _close(conn: psycopg.Connection | None) -> None:
+    if conn is not None:
+        conn.close()
+    return None
+
+
+def _one_line(e: BaseException | None) -> str:
+    return " ".join(str(e).split()) if e is not None else ""
+
+
+def schema_of(dsn: str, default: str = PgOptions.schema) -> str:
+    """The schema a connection string names with ``options=-c search_path=...``
+    (its first entry), else ``default``.
+
+    >>> schema_of("postgresql://u@h/db?options=-csearch_path%3Detcd1")
+    'etcd1'
+    >>> schema_of("host=/tmp dbname=db")
+    'mvcckv'
+    """
+    try:
+        options = conninfo_to_dict(dsn).get("options") or ""
+    except psycopg.ProgrammingError:
+        return default
+    found = default
+    for m in re.finditer(r"(?:-c\s*|--)search_path\s*=\s*([^\s,]+)", options):
+        found = m.group(1).strip('"')
+    return found
+
+
+def describe_dsn(dsn: str) -> str:
+    """The connection string without its password, for messages."""
+    try:
+        params = conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError:
+        return "<invalid connection string>"
+    shown = [f"{k}={params[k]}" for k in ("host", "port", "dbname", "user") if params.get(k)]
+    return " ".join(shown) or "the default PostgreSQL server"

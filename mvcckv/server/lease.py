@@ -1,0 +1,64 @@
+"""etcd's Lease service (ETCD_SEMANTICS §9).
+
+Grant and revoke are logged writes: proposed to the store's writer thread
+and awaited.  Keep-alive, TimeToLive and Leases act on the lessor's clock
+and memory only, so they are answered on the event loop, as Range is.
+
+etcd's answers kept here:
+
+* ``LeaseGrant`` with ID 0 gets a fresh positive ID, chosen before the
+  request is logged so that a replay grants the same one.
+* ``LeaseKeepAlive`` answers every request, in order, with a header filled
+  *before* the renewal, so its revision is never later than the renewal;
+  an unknown or expired lease gets TTL 0, not an error.
+* ``LeaseTimeToLive`` of an unknown lease is TTL -1, not an error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from mvcckv.pb import rpc_pb2 as pb
+from mvcckv.pb import rpc_pb2_grpc
+from mvcckv.server.node import Node
+from mvcckv.server.rpctypes import rpc
+from mvcckv.store import KIND_LEASE_GRANT, KIND_LEASE_REVOKE
+
+
+class LeaseServicer(rpc_pb2_grpc.LeaseServicer):
+    def __init__(self, node: Node):
+        self._node = node
+        self._store = node.store
+
+    async def _write(self, kind: int, request):
+        resp = await asyncio.wrap_future(self._store.propose(kind, request))
+        self._node.fill(resp.header)
+        return resp
+
+    @rpc
+    async def LeaseGrant(self, request, context):
+        return await self._write(KIND_LEASE_GRANT, self._store.new_lease_request(request.TTL, request.ID))
+
+    @rpc
+    async def LeaseRevoke(self, request, context):
+        return await self._write(KIND_LEASE_REVOKE, pb.LeaseRevokeRequest(ID=request.ID))
+
+    @rpc
+    async def LeaseKeepAlive(self, request_iterator, context):
+        async for req in request_iterator:
+            resp = pb.LeaseKeepAliveResponse(ID=req.ID)
+            self._node.fill(resp.header)
+            resp.TTL = self._store.lease_keepalive(req.ID)
+            await context.write(resp)
+
+    @rpc
+    async def LeaseTimeToLive(self, request, context):
+        resp = self._store.lease_ttl(request.ID, request.keys)
+        self._node.fill(resp.header)
+        return resp
+
+    @rpc
+    async def LeaseLeases(self, request, context):
+        resp = self._store.leases()
+        self._node.fill(resp.header)
+        return resp
