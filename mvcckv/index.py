@@ -107,7 +107,8 @@ between steps).
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from itertools import islice
 from typing import NamedTuple
 
@@ -601,6 +602,21 @@ class TreeIndex:
         else:
             ki.restore(create_revision, main, sub, version)
         self._tree[key] = ki._gens
+
+    @contextmanager
+    def bulk_restore(self) -> Iterator[Callable[..., None]]:
+        """Restore many entries at once: yields ``restore``.
+
+        While loading, keys live in a plain dict and are sorted once at the
+        end (one ``sorted`` in C instead of a bisect-insert per new key),
+        which roughly halves the index rebuild of a large store's reopen.
+        Nothing else may use the index until the block exits.
+        """
+        self._tree = dict(self._tree)  # type: ignore[assignment]
+        try:
+            yield self.restore
+        finally:
+            self._tree = SortedDict(self._tree)
 
     # --- reads --------------------------------------------------------
 

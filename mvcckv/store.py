@@ -40,6 +40,7 @@ import logging
 import os
 import queue
 import secrets
+import struct
 import threading
 import time
 from concurrent.futures import Future
@@ -333,26 +334,30 @@ class Store:
             # sets its compact revision to the scheduled one).
             self._compact_rev = max(self._finished_compact_rev, self._scheduled_compact_rev)
             current = 1
-            restore = self._index.restore
             parse = kv_pb2.KeyValue.FromString
+            unpack = _REV_KEY.unpack_from
             key_lease: dict[bytes, int] = {}
-            for k, v in txn.cursor(db=be.key_db):
-                main, sub = from_bytes(k)
-                kv = parse(v)
-                tomb = len(k) > REV_BYTES_LEN
-                try:
-                    restore(kv.key, main, sub, tomb, kv.create_revision, kv.version)
-                except RevisionNotFoundError:
-                    # A tombstone for a key that is not live: the backend is
-                    # inconsistent; etcd logs it and carries on, and so do we.
-                    log.error("tombstone at %d.%d for non-live key %r ignored", main, sub, kv.key)
-                # A key's lease is the one its newest revision carries.
-                if tomb or not kv.lease:
-                    key_lease.pop(kv.key, None)
-                else:
-                    key_lease[kv.key] = kv.lease
-                if main > current:
-                    current = main
+            k = None
+            with self._index.bulk_restore() as restore:
+                for k, v in txn.cursor(db=be.key_db):
+                    main, _, sub = unpack(k)
+                    kv = parse(v)
+                    tomb = len(k) > REV_BYTES_LEN
+                    try:
+                        restore(kv.key, main, sub, tomb, kv.create_revision, kv.version)
+                    except RevisionNotFoundError:
+                        # A tombstone for a key that is not live: the backend
+                        # is inconsistent; etcd logs it and carries on.
+                        log.error("tombstone at %d.%d for non-live key %r ignored", main, sub, kv.key)
+                    # A key's lease is the one its newest revision carries.
+                    if tomb or not kv.lease:
+                        if key_lease:
+                            key_lease.pop(kv.key, None)
+                    else:
+                        key_lease[kv.key] = kv.lease
+                # Entries come in revision order: the last one is the newest.
+                if k is not None:
+                    current = max(current, unpack(k)[0])
             stored = [v for _, v in txn.cursor(db=be.dbs[LEASE])]
             for key in self._lessor.recover(stored, key_lease):
                 log.warning("key %r is attached to an unknown lease; left unattached", key)
@@ -1278,6 +1283,7 @@ class _Both:
 
 _DONE = object()
 _parse_kv = kv_pb2.KeyValue.FromString
+_REV_KEY = struct.Struct(">QcQ")
 
 
 def _b(v: bytes | str) -> bytes:
