@@ -1119,10 +1119,16 @@ class Store:
                     raise errors.CompactedError()
                 if revision > current:
                     raise errors.FutureRevisionError()
-                rev = current if revision <= 0 else revision
-                for h in self._hashes:
-                    if h.revision == rev:
-                        return h, current
+                # A hash recorded by a compaction is looked up by the revision
+                # asked for, so 0 ("current") never matches one and is always
+                # computed, with the current compact revision.
+                if revision > 0:
+                    for h in self._hashes:
+                        if h.revision == revision:
+                            return h, current
+                # Only 0 means "current": a negative revision hashes nothing
+                # but the bucket name, as etcd does.
+                rev = current if revision == 0 else revision
                 keep = self._index.keep(rev)
                 txn = self._backend.begin_read()
             try:

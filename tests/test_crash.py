@@ -231,11 +231,11 @@ def _kill_plan(i: int, rng: random.Random) -> tuple[str, float]:
 def _run_child(data: Path, run: int, seed: int, kind: str, delay: float, stderr: Path) -> list[str]:
     child = _Child(data, run, seed, stderr)
     try:
-        assert child.opening.wait(30), "child never started"
+        assert child.opening.wait(60), "child never started: " + stderr.read_text(errors="replace")[-2000:]
         if kind == "opening":
             time.sleep(delay)
         else:
-            assert child.ready.wait(30), "child never opened the store"
+            assert child.ready.wait(60), "child never opened the store: " + stderr.read_text(errors="replace")[-2000:]
             if kind == "compaction":
                 # Let some history pile up first, then kill the instant a
                 # compaction is acknowledged as scheduled, while its deletion
