@@ -35,6 +35,10 @@ KIND_LEASE_CHECKPOINT = 8
 class Engine(Protocol):
     """An etcd-semantics MVCC key-value engine."""
 
+    # True when reads may wait on I/O (a network round trip), so a server
+    # runs them off its event loop.
+    reads_may_block: bool
+
     @property
     def revision(self) -> int:
         """Current revision (1 for an empty store)."""

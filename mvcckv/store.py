@@ -267,6 +267,9 @@ class Store:
     Thread-safe.  Use :func:`mvcckv.open` for the public constructor.
     """
 
+    # Reads come from memory and the page cache (the engine contract, kv.py).
+    reads_may_block = False
+
     def __init__(self, path: str, options: Options | None = None):
         self.path = os.path.abspath(path)
         self.options = options or Options()

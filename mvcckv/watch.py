@@ -298,8 +298,10 @@ class WatchHub:
                 if now >= next_progress:
                     self._progress_tick()
                     next_progress = now + self.progress_interval
-            except errors.StoppedError:
-                return
+            except (errors.StoppedError, ConnectionError) as err:
+                # The store is closing (then _stop is set too) or its backend
+                # is briefly unreachable: try again on the next pass.
+                log.warning("watch sync pass skipped: %s", err)
             except Exception:  # noqa: BLE001 - keep watching; say why
                 log.exception("watch sync pass failed")
 
@@ -332,6 +334,10 @@ class WatchHub:
                 return
             low = min(w.min_rev for w in live)
             changes, cur, upto = self._store.read_changes(low, self._max_revs)
+            if self._store.compact_revision != compact_rev:
+                # A compaction landed while reading: some of what was read
+                # may already be gone; the next pass cancels or delivers.
+                return
             for w in live:
                 evs_by_rev = [(rev, evs) for rev, evs in changes if rev >= w.min_rev]
                 resp = pb.WatchResponse(watch_id=w.id)

@@ -273,10 +273,13 @@ def test_compaction_errors(tmp_path):
         assert_error(kv.Txn, pb.TxnRequest(success=[ops.get(b"c", revision=3)]), C.OUT_OF_RANGE, COMPACTED)
         resp = kv.Compact(pb.CompactionRequest(revision=6, physical=True), timeout=10)
         assert_full_header(resp.header, 6)
-        hkv = maint.HashKV(pb.HashKVRequest(), timeout=10)
-        # etcd answers a HashKV at a compaction revision with the hash taken
-        # while compacting, which names the *previous* compaction (4).
+        # Asked for by number, a compaction's revision is answered with the
+        # hash taken while compacting, which names the *previous* compaction
+        # (4); asked for as 0 ("current") it is computed afresh, as etcd does.
+        hkv = maint.HashKV(pb.HashKVRequest(revision=6), timeout=10)
         assert (hkv.compact_revision, hkv.hash_revision, hkv.header.revision) == (4, 6, 6)
+        fresh = maint.HashKV(pb.HashKVRequest(), timeout=10)
+        assert (fresh.compact_revision, fresh.hash_revision, fresh.header.revision) == (6, 6, 6)
 
 
 def test_quota_raises_nospace(tmp_path):

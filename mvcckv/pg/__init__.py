@@ -27,10 +27,12 @@ design as written, for the comparison benchmark.
 
 from __future__ import annotations
 
+from importlib import resources
+
 from mvcckv.pg.engine import PgEngine, PgOptions
 from mvcckv.pg.errors import ConnectError, UnavailableError
 
-__all__ = ["open", "PgEngine", "PgOptions", "ConnectError", "UnavailableError"]
+__all__ = ["open", "article_sql", "PgEngine", "PgOptions", "ConnectError", "UnavailableError"]
 
 
 def open(dsn: str, **options) -> PgEngine:  # noqa: A001 - mirrors mvcckv.open
@@ -42,3 +44,10 @@ def open(dsn: str, **options) -> PgEngine:  # noqa: A001 - mirrors mvcckv.open
     :class:`ConnectError` when the database cannot be reached or used.
     """
     return PgEngine(dsn, PgOptions(**options))
+
+
+def article_sql() -> str:
+    """The article's own design as SQL (``article.sql``): the table, set /
+    del / get1 / get_all, the notify trigger, the lease table.  Execute it
+    with ``search_path`` set to an empty schema; it is idempotent."""
+    return resources.files(__package__).joinpath("article.sql").read_text()

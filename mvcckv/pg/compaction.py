@@ -84,16 +84,22 @@ def _hash_rows(conn: psycopg.Connection, hasher: KVHasher, at: int) -> KeyValueH
     return hasher.result()
 
 
-def hash_kv(conn: psycopg.Connection, compact_rev: int, rev: int) -> KeyValueHash:
-    """HashKV at ``rev`` on a store compacted at ``compact_rev``.
+def hash_kv(conn: psycopg.Connection, compact_rev: int, revision: int, current: int) -> KeyValueHash:
+    """HashKV at ``revision`` (already checked against the compaction and
+    current revisions) on a store compacted at ``compact_rev``.
 
-    ``conn`` must be in a REPEATABLE READ transaction (one snapshot).
+    As the LMDB engine and etcd: a hash recorded by a compaction answers a
+    request for exactly its revision (so 0, "current", never matches one);
+    only 0 means current, and a negative revision hashes nothing but the
+    bucket name.  ``conn`` must be in a REPEATABLE READ transaction.
     """
-    row = conn.execute(
-        "SELECT hash, compact_revision FROM compaction_hash WHERE revision = %s", (rev,)
-    ).fetchone()
-    if row is not None:
-        return KeyValueHash(row[0], row[1], rev)
+    if revision > 0:
+        row = conn.execute(
+            "SELECT hash, compact_revision FROM compaction_hash WHERE revision = %s", (revision,)
+        ).fetchone()
+        if row is not None:
+            return KeyValueHash(row[0], row[1], revision)
+    rev = current if revision == 0 else revision
     keep = _revisions(conn, _LIVE, rev)
     return _hash_rows(conn, KVHasher(compact_rev, rev, keep), rev)
 

@@ -81,7 +81,7 @@ from mvcckv.lease import DEFAULT_MIN_TTL, MAX_LEASE_TTL, lease_key
 from mvcckv.pb import kv_pb2, lease_pb2
 from mvcckv.pb import rpc_pb2 as pb
 from mvcckv.pg import compaction
-from mvcckv.pg.errors import ConnectError, UnavailableError
+from mvcckv.pg.errors import ConnectError, SchemaError, UnavailableError
 from mvcckv.pg.feed import ChangeFeed, Changes, read_changes
 from mvcckv.pg.schema import channel, check_schema_name, migrate
 from mvcckv.pg.view import ReadView, WriteView, range_at
@@ -102,7 +102,7 @@ _CORRUPT_REFUSED = frozenset(
     (KIND_PUT, KIND_DELETE_RANGE, KIND_TXN, KIND_COMPACT, KIND_LEASE_GRANT, KIND_LEASE_REVOKE)
 )
 _EXPIRE = -1  # internal writer item: revoke expired leases
-_WAKE = object()  # wakes the background thread to stop
+_WAKE = object()  # wakes the compactor thread to stop
 
 _MAX_BATCH = 256
 # A broken connection; anything else from psycopg is a bug or bad data.
@@ -193,6 +193,9 @@ class PgEngine:
     sequence, every write visible to the reads and watches of all.
     """
 
+    # Every read is a round trip to PostgreSQL (the engine contract, kv.py).
+    reads_may_block = True
+
     def __init__(self, dsn: str, options: PgOptions | None = None):
         self.options = options or PgOptions()
         schema = check_schema_name(self.options.schema)
@@ -214,6 +217,7 @@ class PgEngine:
         self._jobs: queue.Queue = queue.Queue()
         self._expire_pending = False
         self._compaction_queued = 0
+        where = f"PostgreSQL at {describe_dsn(dsn)}, schema {schema}"
         try:
             with self._connect("setup") as conn:
                 migrate(conn, schema)
@@ -223,8 +227,10 @@ class PgEngine:
                 poll_interval=self.options.poll_interval,
             )
             self._feed.start()
+        except SchemaError as e:
+            raise SchemaError(f"{where}: {e}") from None
         except psycopg.Error as e:
-            raise ConnectError(f"cannot use PostgreSQL at {describe_dsn(dsn)}: {_one_line(e)}") from None
+            raise ConnectError(f"{where}: {_one_line(e)}") from None
         try:
             self._pool = self._make_pool()
         except BaseException:
@@ -232,8 +238,10 @@ class PgEngine:
             raise
         self._writer = threading.Thread(target=self._run_writer, name="mvcckv-pg-writer", daemon=True)
         self._background = threading.Thread(target=self._run_background, name="mvcckv-pg-background", daemon=True)
+        self._compactor = threading.Thread(target=self._run_compactor, name="mvcckv-pg-compactor", daemon=True)
         self._writer.start()
         self._background.start()
+        self._compactor.start()
 
     # ------------------------------------------------------------------
     # connections
@@ -379,18 +387,27 @@ class PgEngine:
         """Validate and queue a write; the future resolves to its response.
 
         Raises the request's error at once when it fails a static check.
+        As in the LMDB engine, a request over the space quota gets a future
+        that fails with NoSpaceError once the NOSPACE alarm it raised is
+        applied.
         """
         self._check_open()
+        cost = 0
         if kind == KIND_PUT:
-            self._check_quota(validate.put_cost(req))
+            cost = validate.put_cost(req)
+        elif kind == KIND_TXN:
+            cost = validate.txn_put_cost(req)
+        elif kind == KIND_LEASE_GRANT:
+            cost = LEASE_GRANT_COST
+        # etcd checks the quota before anything else in the request.
+        if cost and self._over_quota(cost):
+            return self._refuse_nospace()
+        if kind == KIND_PUT:
             validate.check_put(req)
         elif kind == KIND_DELETE_RANGE:
             validate.check_delete(req)
         elif kind == KIND_TXN:
-            self._check_quota(validate.txn_put_cost(req))
             validate.check_txn(req, self.options.max_txn_ops)
-        elif kind == KIND_LEASE_GRANT:
-            self._check_quota(LEASE_GRANT_COST)
         if kind in _CORRUPT_REFUSED:
             self._check_corrupt()
         if len(req.SerializeToString()) + REQUEST_OVERHEAD > self.options.max_request_bytes:
@@ -404,14 +421,20 @@ class PgEngine:
             lease_id = secrets.randbits(63)
         return pb.LeaseGrantRequest(TTL=ttl, ID=lease_id)
 
-    def _check_quota(self, cost: int) -> None:
+    def _over_quota(self, cost: int) -> bool:
+        # The size is sampled every tick, not per request: the quota is
+        # approximate either way.
         quota = self.options.quota_bytes
-        if cost == 0 or quota <= 0 or self._db_size + cost < quota:
-            return
-        if (self.options.member_id, pb.NOSPACE) not in self._alarms:
-            alarm = pb.AlarmRequest(action=pb.AlarmRequest.ACTIVATE, memberID=self.options.member_id, alarm=pb.NOSPACE)
-            self.propose(KIND_ALARM, alarm)
-        raise errors.NoSpaceError()
+        return quota > 0 and self._db_size + cost >= quota
+
+    def _refuse_nospace(self) -> Future:
+        refused: Future = Future()
+        if (self.options.member_id, pb.NOSPACE) in self._alarms:
+            refused.set_exception(errors.NoSpaceError())
+            return refused
+        alarm = pb.AlarmRequest(action=pb.AlarmRequest.ACTIVATE, memberID=self.options.member_id, alarm=pb.NOSPACE)
+        self.propose(KIND_ALARM, alarm).add_done_callback(lambda _: refused.set_exception(errors.NoSpaceError()))
+        return refused
 
     def _check_corrupt(self) -> None:
         if any(a == pb.CORRUPT for _, a in self._alarms):
@@ -795,23 +818,23 @@ class PgEngine:
     # background: lease expiry, sizes, compaction jobs
 
     def _run_background(self) -> None:
-        tick = self.options.lease_expiry_tick
-        while not self._stop.is_set():
-            try:
-                job = self._jobs.get(timeout=tick)
-            except queue.Empty:
-                job = None
-            if self._stop.is_set() or job is _WAKE:
-                break
-            if job is not None:
-                self._run_compaction(job)
-                continue
+        """Lease expiry and cached sizes and alarms, every tick."""
+        while not self._stop.wait(self.options.lease_expiry_tick):
             try:
                 self._tick()
             except errors.StoppedError:
                 pass  # PostgreSQL unavailable or closing; try again next tick
             except Exception:  # noqa: BLE001 - keep ticking; say why
                 log.exception("background tick failed")
+
+    def _run_compactor(self) -> None:
+        """Compaction jobs, one at a time, on a thread of their own so that a
+        long compaction never holds up lease expiry."""
+        while True:
+            job = self._jobs.get()
+            if job is _WAKE or self._stop.is_set():
+                break
+            self._run_compaction(job)
         while True:  # answer physical compactions that will not run now
             try:
                 job = self._jobs.get_nowait()
@@ -930,8 +953,7 @@ class PgEngine:
                 raise errors.CompactedError()
             if revision > current:
                 raise errors.FutureRevisionError()
-            rev = current if revision <= 0 else revision
-            return compaction.hash_kv(cur.connection, compact, rev), current
+            return compaction.hash_kv(cur.connection, compact, revision, current), current
 
         return self._pooled(hash_kv)
 
@@ -1028,6 +1050,7 @@ class PgEngine:
         self._stop.set()
         self._jobs.put(_WAKE)
         self._background.join()
+        self._compactor.join()
         self._feed.stop()
         self._pool.close()
 

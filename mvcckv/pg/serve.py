@@ -15,16 +15,12 @@ client URLs (one revision sequence, every write visible everywhere).
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import os
-import signal
-
-from grpc_health.v1 import health_pb2
 
 from mvcckv import errors
 from mvcckv.backend import DEFAULT_QUOTA
 from mvcckv.pg.engine import PgEngine, PgOptions, describe_dsn, schema_of
+from mvcckv.pg.errors import ConnectError
 from mvcckv.server import app, identity
 from mvcckv.server.config import Config
 from mvcckv.server.node import Node
@@ -72,65 +68,14 @@ def open_node(config: Config) -> Node:
     )
 
 
-async def serve(config: Config) -> int:
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    signals: list[str] = []
-
-    def on_signal(sig: signal.Signals) -> None:
-        if signals:
-            log.warning("second signal (%s): exiting now; PostgreSQL holds every acknowledged write", sig.name)
-            logging.shutdown()
-            os._exit(1)
-        signals.append(sig.name)
-        stop.set()
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, on_signal, sig)
-
-    where = describe_dsn(config.backend)
-    try:
-        node = await asyncio.to_thread(open_node, config)
-    except (errors.StorageError, errors.MvccError, ValueError) as err:
-        log.error("cannot open the PostgreSQL backend (%s): %s", where, err)
-        return 1
-    if stop.is_set():
-        await asyncio.to_thread(node.store.close)
-        return 0
-
-    server = None
-    comp_task = None
-    try:
-        server, health_servicer = app.build_server(node, config)
-        urls = []
-        for listener in config.listeners:
-            port = app._bind(server, listener)
-            urls.append(listener.url if port == listener.port else
-                        f"http://{listener.address.rpartition(':')[0]}:{port}")
-        await server.start()
-        await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-        comp_task = app.start_compactor(node, config)
-        log.info(
-            "ready to serve client requests on %s (name %s, member %x, cluster %x, backend PostgreSQL %s, etcd %s)",
-            ", ".join(urls), node.name, node.member_id, node.cluster_id, where, node.version,
-        )
-        await stop.wait()
-        log.info("received %s: stopping (in-flight requests get %.0f s)", signals[0], app.GRACE_SECONDS)
-        await health_servicer.enter_graceful_shutdown()
-        return 0
-    except app.BindError as err:
-        log.error("%s", err)
-        return 1
-    finally:
-        if comp_task is not None:
-            comp_task.cancel()
-            await asyncio.gather(comp_task, return_exceptions=True)
-        if server is not None:
-            await server.stop(app.GRACE_SECONDS)
-        await asyncio.to_thread(node.store.close)
-        log.info("stopped")
+PG_BACKEND = app.Backend(
+    open_node=open_node,
+    open_errors=(ConnectError, errors.StorageError, errors.MvccError, ValueError),
+    # A connection error already says where it tried to connect.
+    what=lambda config: "PostgreSQL backend",
+    where=lambda config: f"backend {describe_dsn(config.backend)}",
+)
 
 
 def main(config: Config) -> int:
-    app.configure_logging(config.log_level)
-    return asyncio.run(serve(config))
+    return app.main(config, PG_BACKEND)

@@ -30,6 +30,8 @@ import os
 import signal
 import socket
 import sys
+from dataclasses import dataclass
+from typing import Callable
 
 import grpc
 import lmdb
@@ -254,14 +256,36 @@ def start_compactor(node: Node, config: Config, clock=None) -> asyncio.Task | No
     return asyncio.get_running_loop().create_task(comp.run(), name="mvcckv-auto-compaction")
 
 
-async def serve(config: Config) -> int:
+@dataclass(frozen=True)
+class Backend:
+    """How ``serve`` opens its engine: the one thing that differs between
+    the LMDB data dir and the PostgreSQL backend."""
+
+    open_node: Callable[[Config], Node]
+    # Errors that mean "cannot open": logged as one line, exit code 1.
+    open_errors: tuple[type[BaseException], ...]
+    # What failed to open, for the error line ("the <it>: <error>").
+    what: Callable[[Config], str]
+    # Where the data lives, for the ready line.
+    where: Callable[[Config], str]
+
+
+LMDB_BACKEND = Backend(
+    open_node=open_node,
+    open_errors=(errors.StorageError, OSError, lmdb.Error),
+    what=lambda config: f"data dir {config.data_dir}",
+    where=lambda config: f"data dir {os.path.abspath(config.data_dir)}",
+)
+
+
+async def serve(config: Config, backend: Backend = LMDB_BACKEND) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     signals: list[str] = []
 
     def on_signal(sig: signal.Signals) -> None:
         if signals:
-            log.warning("second signal (%s): exiting now; the WAL holds every acknowledged write", sig.name)
+            log.warning("second signal (%s): exiting now; every acknowledged write is durable", sig.name)
             logging.shutdown()
             os._exit(1)
         signals.append(sig.name)
@@ -271,9 +295,9 @@ async def serve(config: Config) -> int:
         loop.add_signal_handler(sig, on_signal, sig)
 
     try:
-        node = await asyncio.to_thread(open_node, config)
-    except (errors.StorageError, OSError, lmdb.Error) as err:
-        log.error("cannot open data dir %s: %s", config.data_dir, err)
+        node = await asyncio.to_thread(backend.open_node, config)
+    except backend.open_errors as err:
+        log.error("cannot open the %s: %s", backend.what(config), err)
         return 1
     if stop.is_set():
         await asyncio.to_thread(node.store.close)
@@ -292,9 +316,8 @@ async def serve(config: Config) -> int:
         await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
         comp_task = start_compactor(node, config)
         log.info(
-            "ready to serve client requests on %s (name %s, member %x, cluster %x, data dir %s, etcd %s)",
-            ", ".join(urls), node.name, node.member_id, node.cluster_id,
-            os.path.abspath(config.data_dir), node.version,
+            "ready to serve client requests on %s (name %s, member %x, cluster %x, %s, etcd %s)",
+            ", ".join(urls), node.name, node.member_id, node.cluster_id, backend.where(config), node.version,
         )
         await stop.wait()
         log.info("received %s: stopping (in-flight requests get %.0f s)", signals[0], GRACE_SECONDS)
@@ -322,6 +345,6 @@ def configure_logging(level: str) -> None:
     )
 
 
-def main(config: Config) -> int:
+def main(config: Config, backend: Backend = LMDB_BACKEND) -> int:
     configure_logging(config.log_level)
-    return asyncio.run(serve(config))
+    return asyncio.run(serve(config, backend))

@@ -22,6 +22,17 @@ class KVServicer(rpc_pb2_grpc.KVServicer):
     def __init__(self, node: Node):
         self._node = node
         self._store = node.store
+        # An engine whose reads go over the network (PostgreSQL) must not
+        # hold the event loop while they do.
+        self._offload_reads = getattr(node.store, "reads_may_block", False)
+
+    async def _read(self, fn, request):
+        if self._offload_reads:
+            resp = await asyncio.to_thread(fn, request)
+        else:
+            resp = fn(request)
+        self._node.fill(resp.header)
+        return resp
 
     async def _write(self, kind: int, request):
         resp = await asyncio.wrap_future(self._store.propose(kind, request))
@@ -30,9 +41,7 @@ class KVServicer(rpc_pb2_grpc.KVServicer):
 
     @rpc
     async def Range(self, request, context):
-        resp = self._store.range_request(request)
-        self._node.fill(resp.header)
-        return resp
+        return await self._read(self._store.range_request, request)
 
     @rpc
     async def Put(self, request, context):
@@ -45,9 +54,7 @@ class KVServicer(rpc_pb2_grpc.KVServicer):
     @rpc
     async def Txn(self, request, context):
         if txn_is_read_only(request):
-            resp = self._store.txn_request(request)
-            self._node.fill(resp.header)
-            return resp
+            return await self._read(self._store.txn_request, request)
         return await self._write(KIND_TXN, request)
 
     @rpc
