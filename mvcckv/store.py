@@ -78,7 +78,7 @@ from mvcckv.kv import (
 from mvcckv.lease import DEFAULT_MIN_TTL, Lessor, lease_key
 from mvcckv.pb import kv_pb2
 from mvcckv.pb import rpc_pb2 as pb
-from mvcckv.revision import REV_BYTES_LEN, from_bytes, is_tombstone, main_prefix, to_bytes
+from mvcckv.revision import REV_BYTES_LEN, from_bytes, main_prefix, to_bytes
 from mvcckv.wal import WAL
 
 log = logging.getLogger("mvcckv.store")
@@ -1136,7 +1136,7 @@ class Store:
                 txn = self._backend.begin_read()
             try:
                 hasher = KVHasher(compact_rev, rev, keep)
-                end = main_prefix(rev + 1)
+                end = main_prefix(max(rev + 1, 0))
                 for k, v in txn.cursor(db=self._backend.key_db):
                     if k >= end:
                         break

@@ -632,11 +632,7 @@ def test_negative_revision_in_a_standalone_range_is_current(store):
     "revision",
     [
         -1,
-        pytest.param(-2, marks=pytest.mark.xfail(strict=True, raises=struct.error, reason=(
-            "store.py: Store.hash_kv computes main_prefix(rev + 1) for the scan's end; for "
-            "rev <= -2 that packs a negative int as '>Q' and raises struct.error instead of "
-            "returning the hash of the bucket name alone"
-        ))),
+        -2,
     ],
 )
 def test_hash_kv_of_a_negative_revision(store, revision):
