@@ -13,7 +13,7 @@ synchronously and must be cheap enough to run on an event loop.
 
 from __future__ import annotations
 
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from typing import Protocol, runtime_checkable
 
 from mvcckv.pb import kv_pb2
@@ -75,3 +75,26 @@ class Engine(Protocol):
     def alarms(self) -> list[tuple[int, int]]: ...
     def identity(self, cluster_id: int, member_id: int) -> tuple[int, int]: ...
     def close(self) -> None: ...
+
+
+def settle(fut: Future, result) -> None:
+    """Resolve a proposal's future, unless its caller gave up on it.
+
+    A caller may cancel (a gRPC client that goes away); the write it
+    proposed is logged and applied all the same, and nobody is left to
+    tell, so the answer is dropped rather than crashing the writer.
+    """
+    if not fut.cancelled():
+        try:
+            fut.set_result(result)
+        except InvalidStateError:
+            pass  # cancelled in between
+
+
+def fail(fut: Future, error: BaseException) -> None:
+    """``settle`` for an error."""
+    if not fut.cancelled():
+        try:
+            fut.set_exception(error)
+        except InvalidStateError:
+            pass

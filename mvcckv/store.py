@@ -74,6 +74,8 @@ from mvcckv.kv import (
     KIND_LEASE_REVOKE,
     KIND_PUT,
     KIND_TXN,
+    fail,
+    settle,
 )
 from mvcckv.lease import DEFAULT_MIN_TTL, Lessor, lease_key
 from mvcckv.pb import kv_pb2
@@ -442,12 +444,12 @@ class Store:
     def _refuse_nospace(self) -> Future:
         refused: Future = Future()
         if (self.options.member_id, pb.NOSPACE) in self._alarms:
-            refused.set_exception(errors.NoSpaceError())
+            fail(refused, errors.NoSpaceError())
             return refused
         # The alarm is a logged change like any other; the refusal resolves
         # once it is applied.
         alarm = pb.AlarmRequest(action=pb.AlarmRequest.ACTIVATE, memberID=self.options.member_id, alarm=pb.NOSPACE)
-        self.propose(KIND_ALARM, alarm).add_done_callback(lambda _: refused.set_exception(errors.NoSpaceError()))
+        self.propose(KIND_ALARM, alarm).add_done_callback(lambda _: fail(refused, errors.NoSpaceError()))
         return refused
 
     def _check_corrupt(self) -> None:
@@ -484,7 +486,7 @@ class Store:
                 self._fatal = e
                 for _, _, _, fut in batch:
                     if not fut.done():
-                        fut.set_exception(errors.StoppedError())
+                        fail(fut, errors.StoppedError())
                 self._drain_failed()
                 return
             if stop:
@@ -497,7 +499,7 @@ class Store:
             except queue.Empty:
                 return
             if item is not None:
-                item[3].set_exception(errors.StoppedError())
+                fail(item[3], errors.StoppedError())
 
     def _write_batch(self, batch) -> None:
         logged = []
@@ -533,17 +535,17 @@ class Store:
             if fut is None:
                 continue
             if err is not None:
-                fut.set_exception(err)
+                fail(fut, err)
             elif isinstance(resp, _Deferred):
                 resp.chain(fut)
             else:
-                fut.set_result(resp)
+                settle(fut, resp)
         for kind, _, work, fut in batch:
             if kind == _WORK:
                 try:
-                    fut.set_result(work())
+                    settle(fut, work())
                 except BaseException as e:  # noqa: BLE001 - handed to the caller
-                    fut.set_exception(e)
+                    fail(fut, e)
 
     def _after_commit(self, changes) -> None:
         """Runs on the writer thread after each commit."""
@@ -696,14 +698,14 @@ class Store:
                     done = self._compact(rev, prev, prev_completed)
                     if deferred is not None:
                         if done is None:
-                            deferred.future.set_exception(errors.StoppedError())
+                            fail(deferred.future, errors.StoppedError())
                         else:
-                            deferred.future.set_result(deferred.response)
+                            settle(deferred.future, deferred.response)
                 self._maybe_checkpoint()
             except BaseException:  # noqa: BLE001 - keep the thread alive, say why
                 log.exception("background job %r failed", job[0])
                 if job[0] == "compact" and job[4] is not None and not job[4].future.done():
-                    job[4].future.set_exception(errors.StoppedError())
+                    fail(job[4].future, errors.StoppedError())
 
     _last_checkpoint = 0.0
 
@@ -1266,9 +1268,9 @@ class _Deferred:
     def chain(self, caller: Future) -> None:
         def done(f: Future) -> None:
             if f.exception() is not None:
-                caller.set_exception(f.exception())
+                fail(caller, f.exception())
             else:
-                caller.set_result(f.result())
+                settle(caller, f.result())
 
         self.future.add_done_callback(done)
 

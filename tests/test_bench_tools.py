@@ -241,6 +241,7 @@ def test_summarize_runs_flags_bodyless_answers():
     assert row.rps == 200 and row.shape == "4x4" and row.cpu_per_kop == 0.5 and not row.notes
     row = gl.summarize_runs([run(0, 100)], {"frame_bytes": 21})
     assert row.notes and "gRPC errors" in row.notes[0]
+    assert "| 100 (!) |" in gl.format_table([row])
     table = gl.format_table([row], {"ref": [row]})
     assert table.splitlines()[0].startswith("| workload | conc |") and "QPS / ref" in table
 

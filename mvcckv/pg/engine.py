@@ -76,6 +76,8 @@ from mvcckv.kv import (
     KIND_LEASE_REVOKE,
     KIND_PUT,
     KIND_TXN,
+    fail,
+    settle,
 )
 from mvcckv.lease import DEFAULT_MIN_TTL, MAX_LEASE_TTL, lease_key
 from mvcckv.pb import kv_pb2, lease_pb2
@@ -430,10 +432,10 @@ class PgEngine:
     def _refuse_nospace(self) -> Future:
         refused: Future = Future()
         if (self.options.member_id, pb.NOSPACE) in self._alarms:
-            refused.set_exception(errors.NoSpaceError())
+            fail(refused, errors.NoSpaceError())
             return refused
         alarm = pb.AlarmRequest(action=pb.AlarmRequest.ACTIVATE, memberID=self.options.member_id, alarm=pb.NOSPACE)
-        self.propose(KIND_ALARM, alarm).add_done_callback(lambda _: refused.set_exception(errors.NoSpaceError()))
+        self.propose(KIND_ALARM, alarm).add_done_callback(lambda _: fail(refused, errors.NoSpaceError()))
         return refused
 
     def _check_corrupt(self) -> None:
@@ -550,11 +552,11 @@ class PgEngine:
             if fut is None:
                 continue
             if err is not None:
-                fut.set_exception(err)
+                fail(fut, err)
             elif isinstance(resp, _Deferred):
                 resp.future.add_done_callback(_chain(fut))
             else:
-                fut.set_result(resp)
+                settle(fut, resp)
 
     def _fill(self, lo: int, hi: int) -> Changes:
         return self._pooled(lambda cur: read_changes(cur, lo, hi))
@@ -562,7 +564,7 @@ class PgEngine:
     def _fail(self, batch, err: BaseException) -> None:
         for _, _, fut in batch:
             if fut is not None and not fut.done():
-                fut.set_exception(err)
+                fail(fut, err)
 
     def _fail_queued(self) -> None:
         while True:
@@ -571,7 +573,7 @@ class PgEngine:
             except queue.Empty:
                 return
             if item is not None and item[2] is not None:
-                item[2].set_exception(errors.StoppedError())
+                fail(item[2], errors.StoppedError())
 
     def _apply(self, cur, state: _Batch, kind: int, req):
         """Apply one request inside the batch's transaction.
@@ -650,7 +652,7 @@ class PgEngine:
             # process) resumes it.
             log.warning("compaction at revision %d interrupted: %s", rev, _one_line(e))
             if deferred is not None:
-                deferred.future.set_exception(UnavailableError(_one_line(e)))
+                fail(deferred.future, UnavailableError(_one_line(e)))
             deferred = None
         if outcome == compaction.BUSY and deferred is not None and not self._stop.is_set():
             # Another process is compacting; the caller waits for ours.
@@ -661,9 +663,9 @@ class PgEngine:
             self._compaction_queued -= 1
         if deferred is not None:
             if outcome == compaction.STOPPED:
-                deferred.future.set_exception(errors.StoppedError())
+                fail(deferred.future, errors.StoppedError())
             else:
-                deferred.future.set_result(deferred.response)
+                settle(deferred.future, deferred.response)
 
     def compact(self, revision: int, *, physical: bool = False) -> pb.CompactionResponse:
         """Drop history before ``revision``; with ``physical`` wait until the
@@ -841,7 +843,7 @@ class PgEngine:
             except queue.Empty:
                 return
             if job is not _WAKE and job[3] is not None:
-                job[3].future.set_exception(errors.StoppedError())
+                fail(job[3].future, errors.StoppedError())
 
     def _tick(self) -> None:
         pause = max(3 * self.options.lease_expiry_tick, 2.0)
@@ -1120,9 +1122,9 @@ def _put_all(backend: Backend, db, items: list[tuple[bytes, bytes]]) -> None:
 def _chain(caller: Future):
     def done(f: Future) -> None:
         if f.exception() is not None:
-            caller.set_exception(f.exception())
+            fail(caller, f.exception())
         else:
-            caller.set_result(f.result())
+            settle(caller, f.result())
 
     return done
 
