@@ -228,21 +228,36 @@ class WatchHub:
                 self._notified_rev = rev
                 if not self._keyed and not self._ranged:
                     continue
+                # Watchers of one key share one list of that key's events, so
+                # the Event messages (and prev_kv lookups) are built once per
+                # distinct (events, filters, prev_kv) and copied to each
+                # watcher's response, not rebuilt per watcher.
                 per: dict[Watcher, list] = {}
-                for is_delete, kv in events:
-                    key = kv.key
-                    for w in self._keyed.get(key, ()):
-                        per.setdefault(w, []).append((is_delete, kv))
-                    for w in self._ranged:
-                        if w.matches(key):
-                            per.setdefault(w, []).append((is_delete, kv))
+                if self._keyed:
+                    by_key: dict[bytes, list] = {}
+                    for ev in events:
+                        by_key.setdefault(ev[1].key, []).append(ev)
+                    for key, evs in by_key.items():
+                        for w in self._keyed.get(key, ()):
+                            per[w] = evs
+                for w in self._ranged:
+                    mine = [ev for ev in events if w.matches(ev[1].key)]
+                    if mine:
+                        per[w] = mine
+                built: dict[tuple, list] = {}
                 for w, evs in per.items():
                     if rev < w.min_rev:
                         continue
-                    resp = self._response(w, rev, evs)
                     w.min_rev = rev + 1
-                    if resp is None:
+                    shape = (id(evs), w.noput, w.nodelete, w.prev_kv)
+                    out = built.get(shape)
+                    if out is None:
+                        out = built[shape] = self._events(w, evs)
+                    if not out:
                         continue
+                    resp = pb.WatchResponse(watch_id=w.id)
+                    resp.events.extend(out)
+                    resp.header.revision = rev
                     if w.stream.try_send(resp):
                         w.sent_since_tick = True
                     else:
@@ -251,26 +266,33 @@ class WatchHub:
                         w.state = "victim"
                         self._victims.add(w)
 
-    def _response(self, w: Watcher, header_rev: int, evs) -> pb.WatchResponse | None:
-        """The response carrying ``evs`` for ``w`` (None if filters drop all)."""
-        resp = pb.WatchResponse(watch_id=w.id)
+    def _events(self, w: Watcher, evs) -> list:
+        """The Event messages ``w`` is sent for ``evs`` (after its filters)."""
+        out = []
         for is_delete, kv in evs:
             if is_delete:
                 if w.nodelete:
                     continue
-                ev = resp.events.add(type=_DELETE)
+                ev = kv_pb2.Event(type=_DELETE, kv=kv)
             else:
                 if w.noput:
                     continue
-                ev = resp.events.add(type=_PUT)
-            ev.kv.CopyFrom(kv)
+                ev = kv_pb2.Event(type=_PUT, kv=kv)
             # A creation has no previous version to attach.
             if w.prev_kv and (is_delete or kv.create_revision != kv.mod_revision):
                 prev = self._store.prev_kv(kv.key, kv.mod_revision - 1)
                 if prev is not None:
                     ev.prev_kv.CopyFrom(prev)
-        if not resp.events:
+            out.append(ev)
+        return out
+
+    def _response(self, w: Watcher, header_rev: int, evs) -> pb.WatchResponse | None:
+        """The response carrying ``evs`` for ``w`` (None if filters drop all)."""
+        out = self._events(w, evs)
+        if not out:
             return None
+        resp = pb.WatchResponse(watch_id=w.id)
+        resp.events.extend(out)
         resp.header.revision = header_rev
         return resp
 
