@@ -1,0 +1,566 @@
+"""``mvcckv bench compare``: one workload against every engine within reach.
+
+Engines (each skipped, with the reason, when it cannot be reached):
+
+* ``lmdb``     mvcckv served on its LMDB store (``mvcckv serve --data-dir``)
+* ``pg``       mvcckv served on PostgreSQL (``mvcckv serve --backend postgresql://``)
+* ``article``  the raw SQL functions of the article "etcd vs PostgreSQL"
+               (``mvcckv/pg/article.sql``: ``set(k, v)``, ``get1(k)``) called
+               directly by ``pgbench`` custom scripts, no mvcckv in the path
+* ``etcd``     real etcd, when its binary exists
+
+Every engine gets the same requests: puts of a 256-byte value to the key
+``/bench/put`` (a new revision of one key each time) and gets of the key
+``/bench/get``, at the same numbers of outstanding requests (``--concurrency``,
+default 1 and 64).  The gRPC engines are loaded by ``h2load`` through
+``bench/grpc_load.py``; the article's functions by ``pgbench -M prepared``
+with one connection per outstanding request.  The keys have two slashes
+because the article's trigger takes its ``pg_notify`` channel from the first
+path segment and fails on keys without one.
+
+Measured per (workload, concurrency): QPS, p99 latency, and server CPU
+seconds per 1,000 operations (``/proc`` of the server processes: mvcckv,
+etcd, and every PostgreSQL process, exited backends included via the
+postmaster's reaped-children time; mvcckv on PostgreSQL counts both).
+WAL bytes per update: PostgreSQL's ``pg_current_wal_lsn()`` delta, the
+growth of ``<data-dir>/wal`` (mvcckv LMDB) or of the used part of
+``<data-dir>/member/wal`` (etcd preallocates its segments, so trailing
+zero bytes are not counted), divided by the puts of the measured runs.
+The last row is the CPU that other processes used on the server's core
+during the runs (``/proc/stat`` minus the server's own time): on a shared
+machine, QPS and latency of a row with a high share there are understated.
+
+Servers are pinned to the first allowed core, load generators to the second.
+The throwaway PostgreSQL (``tests/pg_harness.py``) runs with fsync and full
+page writes on, as a durable configuration comparable with etcd's.
+
+This command imports ``bench/grpc_load.py``, ``tests/harness.py`` and
+``tests/pg_harness.py`` by their path in the repository: run it from a
+source checkout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import math
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.parse
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+ENGINES = ("lmdb", "pg", "article", "etcd")
+TITLES = {
+    "lmdb": "mvcckv / LMDB",
+    "pg": "mvcckv / PostgreSQL",
+    "article": "article SQL (pgbench)",
+    "etcd": "etcd",
+}
+PUT_KEY = "/bench/put"
+GET_KEY = "/bench/get"
+
+# The throwaway PostgreSQL: the test harness's settings, but durable.
+PG_SETTINGS = (
+    "listen_addresses=127.0.0.1",
+    "fsync=on",
+    "full_page_writes=on",
+    "max_connections=300",
+    "shared_buffers=128MB",
+)
+
+
+def add_parser(subparsers) -> None:
+    """``mvcckv bench compare``."""
+    bench = subparsers.add_parser("bench", help="benchmarks (from a source checkout)")
+    sub = bench.add_subparsers(dest="bench_command", metavar="COMMAND")
+    sub.required = True
+    p = sub.add_parser(
+        "compare",
+        help="one workload against every reachable engine: a Markdown table and a chart",
+        description=__doc__.split("\n\n")[0] + " Runs from a source checkout "
+        "(needs bench/ and tests/ next to mvcckv/), with h2load; pgbench and "
+        "PostgreSQL server binaries or --pg-dsn for the PostgreSQL engines.",
+    )
+    p.add_argument("--engines", default=",".join(ENGINES),
+                   help=f"comma list of {', '.join(ENGINES)} (default: all)")
+    p.add_argument("--concurrency", default="1,64",
+                   help="outstanding requests, comma list (default 1,64)")
+    p.add_argument("--duration", type=int, default=3, help="seconds per run (default 3)")
+    p.add_argument("--runs", type=int, default=1, help="runs per row; medians (default 1)")
+    p.add_argument("--warmup", type=int, default=1, help="unmeasured seconds before each row (default 1)")
+    p.add_argument("--connections", type=int, default=4,
+                   help="HTTP/2 connections for the gRPC engines (default 4; capped at the concurrency)")
+    p.add_argument("--get", choices=("serializable", "linearizable"), default="serializable",
+                   help="gRPC get flavour (default serializable: a local read, like get1)")
+    p.add_argument("--pg-dsn", help="an existing PostgreSQL instead of a throwaway one "
+                   "(its server CPU is then not measured)")
+    p.add_argument("--chart", default="compare.png", help="PNG path ('' for none; needs matplotlib)")
+    p.add_argument("--markdown", help="also write the table and the command to this file")
+    p.add_argument("--no-pin", action="store_true", help="do not set CPU affinities")
+    p.set_defaults(func=run)
+
+
+# ---------------------------------------------------------------------------
+# measurements
+
+
+@dataclass
+class Cell:
+    qps: float = math.nan
+    p99_ms: float = math.nan
+    ops: int = 0
+    failed: int = 0
+    cpu_s: float | None = None
+    wal_bytes: int | None = None
+    noise_pct: float | None = None   # other processes' CPU on the server core, % of the run
+
+    @property
+    def cpu_per_kop(self) -> float | None:
+        if self.cpu_s is None or not self.ops:
+            return None
+        return self.cpu_s / self.ops * 1000.0
+
+
+@dataclass
+class EngineResult:
+    name: str
+    cells: dict[tuple[str, int], Cell] = field(default_factory=dict)
+    skipped: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def _median(values):
+    vals = sorted(v for v in values if v is not None and not math.isnan(v))
+    if not vals:
+        return math.nan
+    mid = len(vals) // 2
+    return vals[mid] if len(vals) % 2 else (vals[mid - 1] + vals[mid]) / 2
+
+
+def merge_runs(runs: list[Cell]) -> Cell:
+    """Median QPS and p99; summed operations, failures, CPU and WAL."""
+    cpu = [r.cpu_s for r in runs]
+    wal = [r.wal_bytes for r in runs]
+    return Cell(
+        qps=_median([r.qps for r in runs]), p99_ms=_median([r.p99_ms for r in runs]),
+        ops=sum(r.ops for r in runs), failed=sum(r.failed for r in runs),
+        cpu_s=None if None in cpu else sum(cpu),
+        wal_bytes=None if None in wal else sum(wal),
+        noise_pct=_median([r.noise_pct for r in runs]),
+    )
+
+
+def pg_cpu_seconds(gl, postmaster_pid: int) -> float:
+    """CPU of a PostgreSQL cluster: live processes plus the postmaster's reaped children."""
+    fields = gl._stat_fields(postmaster_pid)
+    reaped = (int(fields[13]) + int(fields[14])) / gl.CLK_TCK   # cutime, cstime
+    return gl.cpu_seconds(postmaster_pid) + reaped
+
+
+def dir_used_bytes(path: Path, strip_zeros: bool = False) -> int:
+    """Total size of the files under path; with strip_zeros, without trailing zero bytes
+    (the unused part of a preallocated segment)."""
+    total = 0
+    for p in sorted(path.rglob("*")):
+        if not p.is_file():
+            continue
+        if strip_zeros:
+            total += len(p.read_bytes().rstrip(b"\0"))
+        else:
+            total += p.stat().st_size
+    return total
+
+
+class Probe:
+    """Server CPU and WAL position of one engine, read around each run."""
+
+    def __init__(self, gl, pids=(), postmaster: int | None = None, wal=None, cores=None):
+        self.gl, self.pids, self.postmaster, self.wal = gl, list(pids), postmaster, wal
+        self.cores = cores
+
+    def start(self, measure_wal: bool) -> tuple:
+        core = self.gl.core_busy_seconds(self.cores) if self.cores else None
+        return (self.cpu(), self.wal() if self.wal and measure_wal else None, core, time.monotonic())
+
+    def stop(self, before: tuple) -> dict:
+        cpu0, wal0, core0, t0 = before
+        cpu1 = self.cpu()
+        wal1 = self.wal() if wal0 is not None else None
+        core1 = self.gl.core_busy_seconds(self.cores) if self.cores else None
+        cpu = None if cpu0 is None or cpu1 is None else cpu1 - cpu0
+        noise = None
+        if core0 is not None and cpu is not None:
+            noise = 100.0 * max(0.0, (core1 - core0) - cpu) / (time.monotonic() - t0)
+        return dict(cpu_s=cpu, wal_bytes=None if wal0 is None else wal1 - wal0, noise_pct=noise)
+
+    def cpu(self) -> float | None:
+        if not self.pids and self.postmaster is None:
+            return None
+        total = sum(self.gl.cpu_seconds(p) for p in self.pids)
+        if self.postmaster is not None:
+            total += pg_cpu_seconds(self.gl, self.postmaster)
+        return total
+
+
+# ---------------------------------------------------------------------------
+# load generators
+
+
+def grpc_workloads(gl, get_mode: str) -> dict:
+    value = gl.make_value(gl.VALUE_SIZE)
+    return {
+        "put": gl.Workload("cmp-put", "Put", gl.put_request(PUT_KEY.encode(), value)),
+        "get": gl.Workload("cmp-get", "Range",
+                           gl.range_request(GET_KEY.encode(), serializable=get_mode == "serializable"),
+                           ((GET_KEY.encode(), value),), 1),
+    }
+
+
+def run_grpc(gl, url: str, wl, level: int, args, workdir: str, probe: Probe | None,
+             measure_wal: bool) -> Cell:
+    before = probe.start(measure_wal) if probe else None
+    r = gl.run_h2load(url, wl, level, args.connections, workdir, duration=float(args.duration),
+                      requests=None, server_pid=None, server_name="x", h2load=args.h2load)
+    server = probe.stop(before) if probe else {}
+    return Cell(qps=r.rps, p99_ms=r.p99_ms, ops=r.succeeded, failed=r.failed + r.errored, **server)
+
+
+def pgbench_script(workload: str, value: str) -> str:
+    if workload == "put":
+        return f"SELECT set('{PUT_KEY}', '{value}');\n"
+    return f"SELECT * FROM get1('{GET_KEY}');\n"
+
+
+def run_pgbench(gl, dsn: str, schema: str, workload: str, level: int, seconds: int,
+                workdir: str, probe: Probe | None, measure_wal: bool, pgbench: str) -> Cell:
+    script = os.path.join(workdir, f"article-{workload}.sql")
+    with open(script, "w") as f:
+        f.write(pgbench_script(workload, gl.make_value(gl.VALUE_SIZE).decode()))
+    prefix = os.path.join(workdir, "pgbench-lat")
+    for old in glob.glob(prefix + "*"):
+        os.unlink(old)
+    argv = [pgbench, "-n", "-M", "prepared", "-f", script, "-c", str(level), "-j", "1",
+            "-T", str(max(1, seconds)), "-l", "--log-prefix", prefix, dsn]
+    env = dict(os.environ, PGOPTIONS=f"-c search_path={schema}")
+    before = probe.start(measure_wal) if probe else None
+    proc = subprocess.run(argv, capture_output=True, env=env, timeout=seconds + 60,
+                          stdin=subprocess.DEVNULL)
+    time.sleep(0.2)   # exited backends reaped by the postmaster, so their CPU is counted
+    server = probe.stop(before) if probe else {}
+    out = proc.stdout.decode(errors="replace") + proc.stderr.decode(errors="replace")
+    if proc.returncode != 0:
+        raise RuntimeError(f"pgbench exited with {proc.returncode}:\n{out[-2000:]}")
+    m = re.search(r"tps = ([0-9.]+)", out)
+    done = re.search(r"number of transactions actually processed: (\d+)", out)
+    failed = re.search(r"number of failed transactions: (\d+)", out)
+    lat: list[int] = []
+    for path in glob.glob(prefix + "*"):
+        with open(path) as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 3 and parts[2].isdigit():
+                    lat.append(int(parts[2]))
+        os.unlink(path)
+    lat.sort()
+    return Cell(qps=float(m.group(1)) if m else math.nan,
+                p99_ms=gl.percentile(lat, 99) / 1e3 if lat else math.nan,
+                ops=int(done.group(1)) if done else len(lat),
+                failed=int(failed.group(1)) if failed else 0, **server)
+
+
+# ---------------------------------------------------------------------------
+# engines
+
+
+def _with_schema(dsn: str, schema: str) -> str:
+    """A postgresql:// URL whose search_path is the schema."""
+    opt = urllib.parse.quote(f"-csearch_path={schema}")
+    return dsn + ("&" if "?" in dsn else "?") + f"options={opt}"
+
+
+def _wal_lsn(dsn: str):
+    import psycopg
+
+    def read() -> int:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            return int(conn.execute(
+                "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')").fetchone()[0])
+    return read
+
+
+def measure_engine(name: str, gl, url_or_dsn: str, args, workdir: str, levels: list[int],
+                   probe: Probe | None, log, *, schema: str | None = None) -> EngineResult:
+    result = EngineResult(name)
+    wls = grpc_workloads(gl, args.get)
+    if name != "article":
+        addr = gl.target_address(url_or_dsn)
+        for wl in wls.values():
+            gl.setup_workload(addr, wl)
+            info = gl.check_workload(addr, wl)
+            if wl.expect_kvs is not None and not info["content_ok"]:
+                result.notes.append(f"the get check returned {info.get('kvs')} kvs, not 1")
+    for workload in ("put", "get"):
+        for level in levels:
+            def once(seconds: int, measured: bool) -> Cell:
+                if name == "article":
+                    return run_pgbench(gl, url_or_dsn, schema, workload, level, seconds, workdir,
+                                       probe if measured else None, workload == "put", args.pgbench)
+                a = argparse_copy(args, duration=seconds)
+                return run_grpc(gl, url_or_dsn, wls[workload], level, a, workdir,
+                                probe if measured else None, workload == "put")
+            if args.warmup > 0:
+                once(args.warmup, False)
+            runs = [once(args.duration, True) for _ in range(args.runs)]
+            cell = merge_runs(runs)
+            result.cells[workload, level] = cell
+            cpu = "-" if cell.cpu_per_kop is None else f"{cell.cpu_per_kop:.3f}"
+            log(f"# {TITLES[name]:<22} {workload} c={level:<3} {cell.qps:9.0f} QPS  "
+                f"p99 {cell.p99_ms:7.2f} ms  CPU s/1k {cpu}  failed {cell.failed}  "
+                f"others {_fmt(cell.noise_pct, 0)}% of srv core")
+    return result
+
+
+def argparse_copy(args, **changes):
+    import argparse
+
+    ns = argparse.Namespace(**vars(args))
+    for k, v in changes.items():
+        setattr(ns, k, v)
+    return ns
+
+
+# ---------------------------------------------------------------------------
+# output
+
+
+def _fmt(v, digits: int) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    return f"{v:,.{digits}f}"
+
+
+def wal_per_put(res: EngineResult, levels: list[int]) -> float | None:
+    cells = [res.cells.get(("put", lv)) for lv in levels]
+    if any(c is None or c.wal_bytes is None for c in cells):
+        return None
+    ops = sum(c.ops for c in cells)
+    return sum(c.wal_bytes for c in cells) / ops if ops else None
+
+
+def format_table(results: list[EngineResult], levels: list[int]) -> str:
+    shown = [r for r in results if not r.skipped]
+    head = ["metric"] + [TITLES[r.name] for r in shown]
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * len(shown)]
+
+    def row(label: str, values: list[str]) -> None:
+        lines.append("| " + " | ".join([label] + values) + " |")
+
+    for workload in ("put", "get"):
+        for level in levels:
+            cells = [r.cells.get((workload, level), Cell()) for r in shown]
+            row(f"{workload} QPS @ c={level}", [_fmt(c.qps, 0) for c in cells])
+            row(f"{workload} p99 ms @ c={level}", [_fmt(c.p99_ms, 2) for c in cells])
+    row("WAL bytes / put", [_fmt(wal_per_put(r, levels), 0) for r in shown])
+    for workload in ("put", "get"):
+        for level in levels:
+            cells = [r.cells.get((workload, level), Cell()) for r in shown]
+            row(f"server CPU s / 1k {workload} @ c={level}", [_fmt(c.cpu_per_kop, 3) for c in cells])
+    noise = []
+    for r in shown:
+        vals = [c.noise_pct for c in r.cells.values() if c.noise_pct is not None]
+        noise.append(f"{_median(vals):.0f} / {max(vals):.0f}" if vals else "-")
+    row("others' CPU on server core, % (median / max)", noise)
+    fails = [f"{TITLES[r.name]} {w} @ c={lv}: {c.failed} failed requests"
+             for r in shown for (w, lv), c in r.cells.items() if c.failed]
+    notes = [f"- {TITLES[r.name]}: {n}" for r in shown for n in r.notes]
+    notes += [f"- {f}" for f in fails]
+    notes += [f"- {TITLES[r.name]}: not measured: {r.skipped}" for r in results if r.skipped]
+    return "\n".join(lines + ([""] + notes if notes else []))
+
+
+def draw_chart(results: list[EngineResult], levels: list[int], path: str) -> str | None:
+    """A PNG of QPS and p99 per engine; returns why not when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed (pip install matplotlib); no chart"
+    shown = [r for r in results if not r.skipped]
+    groups = [(w, lv) for w in ("put", "get") for lv in levels]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    width = 0.8 / max(1, len(shown))
+    for ax, attr, title in ((axes[0], "qps", "QPS (higher is better)"),
+                            (axes[1], "p99_ms", "p99 latency, ms (log scale, lower is better)")):
+        for i, r in enumerate(shown):
+            vals = [getattr(r.cells.get(g, Cell()), attr) for g in groups]
+            xs = [j + (i - (len(shown) - 1) / 2) * width for j in range(len(groups))]
+            ax.bar(xs, [0 if math.isnan(v) else v for v in vals], width, label=TITLES[r.name])
+        ax.set_xticks(range(len(groups)), [f"{w} c={lv}" for w, lv in groups])
+        ax.set_title(title)
+        if attr == "p99_ms":
+            ax.set_yscale("log")
+    axes[0].legend(fontsize=8)
+    fig.suptitle("256-byte values, same keys and concurrency for every engine")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return None
+
+
+# ---------------------------------------------------------------------------
+# the command
+
+
+def _import_tools():
+    for sub in ("bench", "tests"):
+        d = REPO_ROOT / sub
+        if not d.is_dir():
+            raise SystemExit(f"mvcckv bench compare runs from a source checkout: {d} is missing")
+        if str(d) not in sys.path:
+            sys.path.insert(0, str(d))
+    import grpc_load
+    import harness
+    import pg_harness
+
+    return grpc_load, harness, pg_harness
+
+
+def run(args) -> int:
+    gl, harness, pg_harness = _import_tools()
+    engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+    bad = [e for e in engines if e not in ENGINES]
+    if bad:
+        raise SystemExit(f"unknown engine(s): {', '.join(bad)} (choose from {', '.join(ENGINES)})")
+    levels = [int(x) for x in args.concurrency.split(",") if x.strip()]
+    args.h2load = shutil.which("h2load")
+    args.pgbench = shutil.which("pgbench")
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    server_cpus, load_cpus = (None, None) if args.no_pin else gl.plan_cpus()
+    if load_cpus:
+        os.sched_setaffinity(0, load_cpus)   # h2load and pgbench inherit the load core
+
+    def pin(pid: int) -> None:
+        if server_cpus:
+            gl.pin_process(pid, server_cpus)
+
+    results: dict[str, EngineResult] = {}
+    t_start = time.monotonic()
+    with contextlib.ExitStack() as stack:
+        workdir = stack.enter_context(tempfile.TemporaryDirectory(prefix="mvcckv-compare-"))
+
+        # PostgreSQL, shared by the pg and article engines.
+        pg_dsn, postmaster, pg_why = args.pg_dsn, None, None
+        if not pg_dsn and ({"pg", "article"} & set(engines)):
+            if pg_harness.find_postgres() is None:
+                pg_why = "no PostgreSQL server binaries (initdb, postgres) and no --pg-dsn"
+            else:
+                pg_harness._SETTINGS = PG_SETTINGS
+                pg = stack.enter_context(pg_harness.PostgresServer())
+                pg_dsn, postmaster = pg.dsn(), pg._proc.pid
+                pin(postmaster)
+                log(f"# started PostgreSQL on port {pg.port} (pid {postmaster})")
+        tag = f"cmp{os.getpid()}"
+
+        for name in engines:
+            res = None
+            try:
+                if name == "lmdb":
+                    srv = stack.enter_context(harness.MvcckvProcess())
+                    pin(srv.pid)
+                    probe = Probe(gl, [srv.pid], wal=lambda s=srv: dir_used_bytes(s.data_dir / "wal"),
+                                  cores=server_cpus)
+                    res = measure_engine(name, gl, srv.client_url, args, workdir, levels, probe, log)
+                    srv.stop()
+                elif name == "etcd":
+                    if not os.path.exists("/usr/bin/etcd") and not shutil.which("etcd"):
+                        results[name] = EngineResult(name, skipped="no etcd binary")
+                        continue
+                    srv = stack.enter_context(harness.EtcdProcess())
+                    pin(srv.pid)
+                    probe = Probe(gl, [srv.pid], wal=lambda s=srv: dir_used_bytes(
+                        s.data_dir / "member" / "wal", strip_zeros=True), cores=server_cpus)
+                    res = measure_engine(name, gl, srv.client_url, args, workdir, levels, probe, log)
+                    srv.stop()
+                elif pg_dsn is None:
+                    results[name] = EngineResult(name, skipped=pg_why)
+                    continue
+                elif name == "pg":
+                    schema = f"{tag}_mvcckv"
+                    srv = stack.enter_context(harness.MvcckvProcess(
+                        extra_args=["--backend", _with_schema(pg_dsn, schema)]))
+                    pin(srv.pid)
+                    probe = Probe(gl, [srv.pid], postmaster, _wal_lsn(pg_dsn), server_cpus)
+                    res = measure_engine(name, gl, srv.client_url, args, workdir, levels, probe, log)
+                    srv.stop()
+                    if postmaster is None:
+                        res.notes.append("server CPU is the mvcckv process only (PostgreSQL given by --pg-dsn)")
+                    _drop_schema(pg_dsn, schema)
+                elif name == "article":
+                    if args.pgbench is None:
+                        results[name] = EngineResult(name, skipped="no pgbench on PATH")
+                        continue
+                    import mvcckv.pg
+                    import psycopg
+
+                    schema = f"{tag}_article"
+                    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+                        conn.execute(f"CREATE SCHEMA {schema}")
+                        conn.execute(f"SET search_path TO {schema}")
+                        conn.execute(mvcckv.pg.article_sql())
+                        conn.execute("SELECT set(%s, %s)",
+                                     (GET_KEY, gl.make_value(gl.VALUE_SIZE).decode()))
+                    probe = Probe(gl, [], postmaster, _wal_lsn(pg_dsn), server_cpus)
+                    res = measure_engine(name, gl, pg_dsn, args, workdir, levels, probe, log,
+                                         schema=schema)
+                    if postmaster is None:
+                        for c in res.cells.values():
+                            c.cpu_s = None
+                    _drop_schema(pg_dsn, schema)
+            except Exception as e:   # one engine failing does not lose the others
+                log(f"# {name}: {type(e).__name__}: {e}")
+                res = EngineResult(name, skipped=f"failed: {type(e).__name__}: {str(e)[:300]}")
+            results[name] = res
+
+    table = format_table([results[e] for e in engines], levels)
+    print(table)
+    chart_note = None
+    if args.chart:
+        chart_note = draw_chart([results[e] for e in engines], levels, args.chart)
+        log(f"# {chart_note}" if chart_note else f"# chart: {args.chart}")
+    if args.markdown:
+        command = "python -m mvcckv " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+        with open(args.markdown, "w") as f:
+            f.write("# mvcckv bench compare\n\n")
+            f.write(f"Command (from the repository root, {time.monotonic() - t_start:.0f} s):\n\n")
+            f.write(f"    {command}\n\n")
+            pin_note = (f"servers on cpu {sorted(server_cpus)}, load generators on cpu "
+                        f"{sorted(load_cpus)}" if server_cpus else "no CPU pinning")
+            f.write(f"{args.duration} s x {args.runs} run(s) per row after {args.warmup} s of "
+                    f"warm-up; {pin_note}; gRPC gets are {args.get}; "
+                    f"{args.connections} HTTP/2 connections (capped at the concurrency).\n\n")
+            f.write(table + "\n")
+            if args.chart and chart_note is None:
+                f.write(f"\nChart: `{args.chart}`\n")
+            elif chart_note:
+                f.write(f"\n{chart_note}\n")
+    return 0
+
+
+def _drop_schema(dsn: str, schema: str) -> None:
+    import psycopg
+
+    with contextlib.suppress(Exception), psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
