@@ -50,6 +50,11 @@ from typing import Callable
 import crc32c
 
 from mvcckv import errors, txn as txnmod, validate
+from mvcckv.admission import (
+    DEFAULT_MAX_REQUEST_BYTES,
+    DEFAULT_MAX_TXN_OPS,
+    Admission,
+)
 from mvcckv.backend import (
     ALARM,
     DEFAULT_QUOTA,
@@ -96,20 +101,6 @@ _REQUEST_TYPES = {
     KIND_LEASE_REVOKE: pb.LeaseRevokeRequest,
     KIND_LEASE_CHECKPOINT: pb.LeaseCheckpointRequest,
 }
-
-# What a logged request costs on top of its own bytes (record header);
-# compared with max_request_bytes as etcd compares its raft entry.
-REQUEST_OVERHEAD = 64
-DEFAULT_MAX_REQUEST_BYTES = 1536 * 1024
-DEFAULT_MAX_TXN_OPS = 128
-
-# What a CORRUPT alarm stops (§10.6); reads check it separately.
-_CORRUPT_REFUSED = frozenset(
-    (KIND_PUT, KIND_DELETE_RANGE, KIND_TXN, KIND_COMPACT, KIND_LEASE_GRANT, KIND_LEASE_REVOKE)
-)
-
-# etcd charges a lease grant this much against the space quota.
-LEASE_GRANT_COST = 64
 
 _MAX_BATCH = 512
 _WORK = 0  # queue item kind: a callable run on the writer thread
@@ -263,7 +254,7 @@ class _WriteView(_ReadView):
             self._store._current = self.begin_rev + 1
 
 
-class Store:
+class Store(Admission):
     """An etcd-semantics MVCC key-value store in a data directory.
 
     Thread-safe.  Use :func:`mvcckv.open` for the public constructor.
@@ -402,59 +393,20 @@ class Store:
     # writes
 
     def propose(self, kind: int, req) -> Future:
-        """Validate and queue a logged request; the future resolves to its response.
+        """Admit and queue a logged request; the future resolves to its response.
 
-        Raises the request's error at once when it fails a static check.
-        A request over the space quota gets a future that fails with
-        NoSpaceError once the NOSPACE alarm it raised is applied, so a
-        client that is refused sees the alarm, yet nobody blocks on it.
+        Raises the request's error at once when it fails a static check
+        (see ``admission.py``, also for requests over the space quota).
         """
         self._check_open()
-        cost = 0
-        if kind == KIND_PUT:
-            cost = validate.put_cost(req)
-        elif kind == KIND_TXN:
-            cost = validate.txn_put_cost(req)
-        elif kind == KIND_LEASE_GRANT:
-            cost = LEASE_GRANT_COST
-        # etcd checks the quota before anything else in the request.
-        if cost and self._over_quota(cost):
-            return self._refuse_nospace()
-        if kind == KIND_PUT:
-            validate.check_put(req)
-        elif kind == KIND_DELETE_RANGE:
-            validate.check_delete(req)
-        elif kind == KIND_TXN:
-            validate.check_txn(req, self.options.max_txn_ops)
-        if kind in _CORRUPT_REFUSED:
-            self._check_corrupt()
+        refused = self._admit(kind, req)
+        if refused is not None:
+            return refused
         data = req.SerializeToString()
-        if len(data) + REQUEST_OVERHEAD > self.options.max_request_bytes:
-            raise errors.RequestTooLargeError()
+        self._check_size(len(data))
         fut: Future = Future()
         self._queue.put((kind, data, req, fut))
         return fut
-
-    def _over_quota(self, cost: int) -> bool:
-        quota = self.options.quota_bytes
-        # The file size is sampled after every commit rather than stat'ed
-        # per request: the quota is approximate by a batch either way.
-        return quota > 0 and self._db_size + cost >= quota
-
-    def _refuse_nospace(self) -> Future:
-        refused: Future = Future()
-        if (self.options.member_id, pb.NOSPACE) in self._alarms:
-            fail(refused, errors.NoSpaceError())
-            return refused
-        # The alarm is a logged change like any other; the refusal resolves
-        # once it is applied.
-        alarm = pb.AlarmRequest(action=pb.AlarmRequest.ACTIVATE, memberID=self.options.member_id, alarm=pb.NOSPACE)
-        self.propose(KIND_ALARM, alarm).add_done_callback(lambda _: fail(refused, errors.NoSpaceError()))
-        return refused
-
-    def _check_corrupt(self) -> None:
-        if any(a == pb.CORRUPT for _, a in self._alarms):
-            raise errors.CorruptError()
 
     def _check_open(self) -> None:
         if self._fatal is not None:

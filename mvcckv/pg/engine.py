@@ -88,21 +88,11 @@ from mvcckv.pg.feed import ChangeFeed, Changes, read_changes
 from mvcckv.pg.schema import channel, check_schema_name, migrate
 from mvcckv.pg.view import ReadView, WriteView, range_at
 from mvcckv.revision import to_bytes
-from mvcckv.store import (
-    DEFAULT_MAX_REQUEST_BYTES,
-    DEFAULT_MAX_TXN_OPS,
-    LEASE_GRANT_COST,
-    REQUEST_OVERHEAD,
-    Store,
-    StoreStatus,
-)
+from mvcckv.admission import DEFAULT_MAX_REQUEST_BYTES, DEFAULT_MAX_TXN_OPS, Admission
+from mvcckv.store import Store, StoreStatus
 
 log = logging.getLogger("mvcckv.pg")
 
-# What a CORRUPT alarm stops (§10.6), as in the LMDB engine.
-_CORRUPT_REFUSED = frozenset(
-    (KIND_PUT, KIND_DELETE_RANGE, KIND_TXN, KIND_COMPACT, KIND_LEASE_GRANT, KIND_LEASE_REVOKE)
-)
 _EXPIRE = -1  # internal writer item: revoke expired leases
 _WAKE = object()  # wakes the compactor thread to stop
 
@@ -187,7 +177,7 @@ class _Deferred:
         self.future: Future = Future()
 
 
-class PgEngine:
+class PgEngine(Admission):
     """An etcd-semantics MVCC engine on a PostgreSQL schema.
 
     Thread-safe.  Use :func:`mvcckv.pg.open`.  Several engines (in one
@@ -386,34 +376,17 @@ class PgEngine:
     # writes
 
     def propose(self, kind: int, req) -> Future:
-        """Validate and queue a write; the future resolves to its response.
+        """Admit and queue a write; the future resolves to its response.
 
-        Raises the request's error at once when it fails a static check.
-        As in the LMDB engine, a request over the space quota gets a future
-        that fails with NoSpaceError once the NOSPACE alarm it raised is
-        applied.
+        Raises the request's error at once when it fails a static check; a
+        request over the space quota gets a future that fails once the
+        NOSPACE alarm it raised is applied (``admission.py``).
         """
         self._check_open()
-        cost = 0
-        if kind == KIND_PUT:
-            cost = validate.put_cost(req)
-        elif kind == KIND_TXN:
-            cost = validate.txn_put_cost(req)
-        elif kind == KIND_LEASE_GRANT:
-            cost = LEASE_GRANT_COST
-        # etcd checks the quota before anything else in the request.
-        if cost and self._over_quota(cost):
-            return self._refuse_nospace()
-        if kind == KIND_PUT:
-            validate.check_put(req)
-        elif kind == KIND_DELETE_RANGE:
-            validate.check_delete(req)
-        elif kind == KIND_TXN:
-            validate.check_txn(req, self.options.max_txn_ops)
-        if kind in _CORRUPT_REFUSED:
-            self._check_corrupt()
-        if len(req.SerializeToString()) + REQUEST_OVERHEAD > self.options.max_request_bytes:
-            raise errors.RequestTooLargeError()
+        refused = self._admit(kind, req)
+        if refused is not None:
+            return refused
+        self._check_size(req.ByteSize())
         fut: Future = Future()
         self._queue.put((kind, req, fut))
         return fut
@@ -422,25 +395,6 @@ class PgEngine:
         while lease_id == 0:
             lease_id = secrets.randbits(63)
         return pb.LeaseGrantRequest(TTL=ttl, ID=lease_id)
-
-    def _over_quota(self, cost: int) -> bool:
-        # The size is sampled every tick, not per request: the quota is
-        # approximate either way.
-        quota = self.options.quota_bytes
-        return quota > 0 and self._db_size + cost >= quota
-
-    def _refuse_nospace(self) -> Future:
-        refused: Future = Future()
-        if (self.options.member_id, pb.NOSPACE) in self._alarms:
-            fail(refused, errors.NoSpaceError())
-            return refused
-        alarm = pb.AlarmRequest(action=pb.AlarmRequest.ACTIVATE, memberID=self.options.member_id, alarm=pb.NOSPACE)
-        self.propose(KIND_ALARM, alarm).add_done_callback(lambda _: fail(refused, errors.NoSpaceError()))
-        return refused
-
-    def _check_corrupt(self) -> None:
-        if any(a == pb.CORRUPT for _, a in self._alarms):
-            raise errors.CorruptError()
 
     def _check_open(self) -> None:
         if self._closed:
