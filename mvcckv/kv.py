@@ -13,6 +13,7 @@ synchronously and must be cheap enough to run on an event loop.
 
 from __future__ import annotations
 
+import queue
 from concurrent.futures import Future, InvalidStateError
 from typing import Protocol, runtime_checkable
 
@@ -98,3 +99,26 @@ def fail(fut: Future, error: BaseException) -> None:
             fut.set_exception(error)
         except InvalidStateError:
             pass
+
+
+def take_batch(q, limit: int) -> tuple[list, bool]:
+    """Block for the next proposal, then take whatever else is queued.
+
+    Returns ``(batch, stop)``: up to ``limit`` items in queue order, and
+    whether the stop marker (``None``) was met.  This is what makes group
+    commit: everything that queued up during the previous batch's fsync
+    shares the next one.
+    """
+    item = q.get()
+    if item is None:
+        return [], True
+    batch = [item]
+    while len(batch) < limit:
+        try:
+            nxt = q.get_nowait()
+        except queue.Empty:
+            break
+        if nxt is None:
+            return batch, True
+        batch.append(nxt)
+    return batch, False

@@ -81,6 +81,7 @@ from mvcckv.kv import (
     KIND_TXN,
     fail,
     settle,
+    take_batch,
 )
 from mvcckv.lease import DEFAULT_MIN_TTL, Lessor, lease_key
 from mvcckv.pb import kv_pb2
@@ -415,22 +416,10 @@ class Store(Admission):
             raise errors.StoppedError()
 
     def _run_writer(self) -> None:
-        q = self._queue
         while True:
-            item = q.get()
-            if item is None:
+            batch, stop = take_batch(self._queue, _MAX_BATCH)
+            if not batch:
                 return
-            batch = [item]
-            stop = False
-            while len(batch) < _MAX_BATCH:
-                try:
-                    nxt = q.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    stop = True
-                    break
-                batch.append(nxt)
             try:
                 self._write_batch(batch)
             except BaseException as e:  # noqa: BLE001 - the store must stop, not limp on

@@ -78,6 +78,7 @@ from mvcckv.kv import (
     KIND_TXN,
     fail,
     settle,
+    take_batch,
 )
 from mvcckv.lease import DEFAULT_MIN_TTL, MAX_LEASE_TTL, lease_key
 from mvcckv.pb import kv_pb2, lease_pb2
@@ -402,22 +403,10 @@ class PgEngine(Admission):
 
     def _run_writer(self) -> None:
         conn: psycopg.Connection | None = None
-        q = self._queue
         while True:
-            item = q.get()
-            if item is None:
+            batch, stop = take_batch(self._queue, _MAX_BATCH)
+            if not batch:
                 break
-            batch = [item]
-            stop = False
-            while len(batch) < _MAX_BATCH:
-                try:
-                    nxt = q.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    stop = True
-                    break
-                batch.append(nxt)
             if any(kind == _EXPIRE for kind, _, _ in batch):
                 # Applied or failed, the next tick looks again.
                 self._expire_pending = False
