@@ -296,6 +296,7 @@ class Store(Admission):
         # nothing counts as durable until this process's first checkpoint.
         self._durable_index = 0
         self._released_index = 0
+        self._last_checkpoint = 0.0
         self._restore()
         self._db_size = self._backend.size()
         self._wal = WAL.open(
@@ -648,13 +649,9 @@ class Store(Admission):
                 if job[0] == "compact" and job[4] is not None and not job[4].future.done():
                     fail(job[4].future, errors.StoppedError())
 
-    _last_checkpoint = 0.0
-
-    def _maybe_checkpoint(self, force: bool = False) -> None:
-        now = time.monotonic()
-        if not force and now - self._last_checkpoint < self.options.checkpoint_interval:
-            return
-        self.checkpoint()
+    def _maybe_checkpoint(self) -> None:
+        if time.monotonic() - self._last_checkpoint >= self.options.checkpoint_interval:
+            self.checkpoint()
 
     def checkpoint(self) -> None:
         """Make the backend durable so the WAL it covers can be released."""

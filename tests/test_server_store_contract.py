@@ -10,7 +10,6 @@ from __future__ import annotations
 import threading
 import time
 
-import pytest
 
 import mvcckv
 from mvcckv import errors
