@@ -10,10 +10,16 @@
 ``mvcckv_server``         ``python -m mvcckv serve`` on ``tmp_path/"data"``,
                           log in ``tmp_path/"mvcckv.log"``; per test.
 ``mvcckv_server_module``  the same, shared by the tests of one module.
+``postgres_bindir``       the directory of PostgreSQL's server binaries, for
+                          tests that start their own ``PostgresServer``.
+``postgres``              one throwaway PostgreSQL server for the whole
+                          session (pg_harness.py).  Shared: give each test
+                          (or example) a schema of its own, and stop or
+                          restart only a server of the test's own.
 
-A missing etcd binary skips the etcd tests locally; under CI (``CI=true``)
-it fails them, so CI cannot pass by testing nothing.  This file imports
-nothing from ``mvcckv``: the server is a child process.
+A missing etcd binary or PostgreSQL skips the tests that need it locally;
+under CI (``CI=true``) it fails them, so CI cannot pass by testing nothing.
+This file imports nothing from ``mvcckv``: the server is a child process.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ if _TESTS_DIR not in sys.path:
     sys.path.insert(0, _TESTS_DIR)
 
 from harness import EtcdProcess, MvcckvProcess, find_binary  # noqa: E402
+from pg_harness import PostgresServer, find_postgres  # noqa: E402
 
 
 def _in_ci() -> bool:
@@ -43,6 +50,16 @@ def _require_etcd() -> str:
     reason = "etcd binary not found (install Debian's etcd-server: bash tools/setup.sh)"
     if _in_ci():
         pytest.fail(f"{reason}; CI must run the etcd tests", pytrace=False)
+    pytest.skip(reason)
+
+
+def _require_postgres():
+    bindir = find_postgres()
+    if bindir is not None:
+        return bindir
+    reason = "PostgreSQL server binaries not found (install Debian's postgresql: bash tools/setup.sh)"
+    if _in_ci():
+        pytest.fail(f"{reason}; CI must run the PostgreSQL tests", pytrace=False)
     pytest.skip(reason)
 
 
@@ -73,4 +90,15 @@ def mvcckv_server(tmp_path):
 def mvcckv_server_module(tmp_path_factory):
     root = tmp_path_factory.mktemp("mvcckv")
     with MvcckvProcess(root / "data", log_path=root / "mvcckv.log") as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def postgres_bindir():
+    return _require_postgres()
+
+
+@pytest.fixture(scope="session")
+def postgres(postgres_bindir):
+    with PostgresServer(postgres_bindir) as server:
         yield server

@@ -12,9 +12,10 @@ faults (PostgreSQL restarted under load, PostgreSQL down at start), and an
 etcdctl smoke test against ``mvcckv serve --backend postgresql://...``.
 
 Each PostgreSQL test gets a schema of its own in one session-wide
-throwaway server (pg_harness.py); tests that restart or stop PostgreSQL get
-a server of their own.  Without PostgreSQL's binaries the PostgreSQL tests
-are skipped locally and fail under CI (``CI=true``).
+throwaway server (the ``postgres`` fixture of conftest.py, pg_harness.py);
+tests that restart or stop PostgreSQL get a server of their own.  Without
+PostgreSQL's binaries the PostgreSQL tests are skipped locally and fail
+under CI (``CI=true``).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from mvcckv.pb import rpc_pb2 as pb
 from mvcckv.pg import ConnectError, UnavailableError
 from mvcckv.pg.errors import SchemaError
 from mvcckv.pg.schema import SCHEMA_VERSION
-from pg_harness import PostgresServer, find_postgres
+from pg_harness import PostgresServer
 
 PUT, DELETE = kv_pb2.Event.PUT, kv_pb2.Event.DELETE
 ALL = (b"\0", b"\0")
@@ -52,26 +53,10 @@ def _in_ci() -> bool:
     return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
 
 
-def _require_postgres():
-    bindir = find_postgres()
-    if bindir is not None:
-        return bindir
-    reason = "PostgreSQL server binaries not found (install Debian's postgresql: bash tools/setup.sh)"
-    if _in_ci():
-        pytest.fail(f"{reason}; CI must run the PostgreSQL tests", pytrace=False)
-    pytest.skip(reason)
-
-
-@pytest.fixture(scope="session")
-def postgres():
-    with PostgresServer(_require_postgres()) as server:
-        yield server
-
-
 @pytest.fixture
-def own_postgres():
+def own_postgres(postgres_bindir):
     """A server of the test's own, for tests that stop or restart it."""
-    with PostgresServer(_require_postgres()) as server:
+    with PostgresServer(postgres_bindir) as server:
         yield server
 
 
