@@ -50,6 +50,7 @@ from typing import Callable
 import crc32c
 
 from mvcckv import errors, txn as txnmod, validate
+from mvcckv.txn import read_revision
 from mvcckv.admission import (
     DEFAULT_MAX_REQUEST_BYTES,
     DEFAULT_MAX_TXN_OPS,
@@ -160,11 +161,7 @@ class _ReadView:
     def range_keys(self, key: bytes, end: bytes, at_rev: int, limit: int, count_only: bool):
         """(kvs, count, header revision) of keys in range at ``at_rev``."""
         cur = self.rev
-        if at_rev > cur:
-            raise errors.FutureRevisionError()
-        rev = cur if at_rev <= 0 else at_rev
-        if rev < self.first_rev:
-            raise errors.CompactedError()
+        rev = read_revision(cur, at_rev, self.first_rev)
         index = self._store._index
         if not end:
             # A single key: one index lookup instead of a range scan (the
@@ -931,12 +928,7 @@ class Store(Admission):
             self._check_open()
         be = self._backend
         with self._lock:
-            cur = self._current
-            if revision > cur:
-                raise errors.FutureRevisionError()
-            rev = cur if revision <= 0 else revision
-            if rev < self._compact_rev:
-                raise errors.CompactedError()
+            rev = read_revision(self._current, revision, self._compact_rev)
             try:
                 mod, _, _ = self._index.get(key, rev)
             except RevisionNotFoundError:

@@ -36,6 +36,22 @@ _SORT_KEYS = {
 # -- Range ------------------------------------------------------------------
 
 
+def read_revision(current: int, at_rev: int, first_rev: int) -> int:
+    """The revision a read asked for at ``at_rev`` is answered at (§4.2).
+
+    ``<= 0`` means ``current``; beyond ``current`` is a future revision;
+    below the compact revision ``first_rev`` is compacted (the compact
+    revision itself is still readable).  Both engines' views use this.
+    """
+    if at_rev > current:
+        raise errors.FutureRevisionError()
+    rev = current if at_rev <= 0 else at_rev
+    if rev < first_rev:
+        raise errors.CompactedError()
+    return rev
+
+
+
 def execute_range(view, r: pb.RangeRequest) -> pb.RangeResponse:
     """etcd's range algorithm (§4.3): fetch, count, filter, sort, limit."""
     limit = r.limit

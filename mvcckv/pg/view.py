@@ -23,8 +23,8 @@ etcd's do (§5.4).
 
 from __future__ import annotations
 
-from mvcckv import errors
 from mvcckv.pb import kv_pb2
+from mvcckv.txn import read_revision
 
 KeyValue = kv_pb2.KeyValue
 
@@ -157,11 +157,7 @@ class ReadView:
     def range_keys(self, key: bytes, end: bytes, at_rev: int, limit: int, count_only: bool):
         """(kvs, count, header revision) of keys in range at ``at_rev``."""
         cur = self.rev
-        if at_rev > cur:
-            raise errors.FutureRevisionError()
-        rev = cur if at_rev <= 0 else at_rev
-        if rev < self.first_rev:
-            raise errors.CompactedError()
+        rev = read_revision(cur, at_rev, self.first_rev)
         kvs, count = range_at(self._cur, key, end, rev, limit, count_only)
         return kvs, count, cur
 
