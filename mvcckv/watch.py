@@ -435,10 +435,7 @@ class BufferedStream:
                 return True  # nobody listens any more; drop silently
             if len(self._buf) >= self.capacity:
                 return False
-            self._buf.append(resp)
-            self._cond.notify()
-            wake = self._loop is not None and not self._wake_pending
-            self._wake_pending = self._wake_pending or wake
+            wake = self._append_locked(resp)
         if wake:
             self._loop.call_soon_threadsafe(self._event.set)
         return True
@@ -447,12 +444,17 @@ class BufferedStream:
         """Queue a control response (created, canceled) regardless of the
         bound: there is one per client request, so they cannot pile up."""
         with self._cond:
-            self._buf.append(resp)
-            self._cond.notify()
-            wake = self._loop is not None and not self._wake_pending
-            self._wake_pending = self._wake_pending or wake
+            wake = self._append_locked(resp)
         if wake:
             self._loop.call_soon_threadsafe(self._event.set)
+
+    def _append_locked(self, resp) -> bool:
+        """Queue ``resp`` (lock held); True if the loop must be woken."""
+        self._buf.append(resp)
+        self._cond.notify()
+        wake = self._loop is not None and not self._wake_pending
+        self._wake_pending = self._wake_pending or wake
+        return wake
 
     def get(self, timeout: float | None = None):
         """Next response, or None on timeout / close (blocking, for threads)."""

@@ -18,10 +18,9 @@ from __future__ import annotations
 import logging
 
 from mvcckv import errors
-from mvcckv.backend import DEFAULT_QUOTA
 from mvcckv.pg.engine import PgEngine, PgOptions, describe_dsn, schema_of
 from mvcckv.pg.errors import ConnectError
-from mvcckv.server import app, identity
+from mvcckv.server import app
 from mvcckv.server.config import Config
 from mvcckv.server.node import Node
 
@@ -35,37 +34,14 @@ def open_node(config: Config) -> Node:
     ``options`` (``?options=-csearch_path%3Detcd1``), else ``mvcckv``.
     """
     schema = schema_of(config.backend)
-    mid = identity.member_id(config.initial_advertise_peer_urls, config.initial_cluster_token)
-    cid = identity.cluster_id([mid])
-    quota = DEFAULT_QUOTA if config.quota_backend_bytes == 0 else config.quota_backend_bytes
 
     def open_engine(member: int) -> PgEngine:
         return PgEngine(config.backend, PgOptions(
-            schema=schema, quota_bytes=quota, max_txn_ops=config.max_txn_ops,
+            schema=schema, quota_bytes=app.quota_bytes(config), max_txn_ops=config.max_txn_ops,
             max_request_bytes=config.max_request_bytes, member_id=member,
         ))
 
-    engine = open_engine(mid)
-    try:
-        stored_cid, stored_mid = engine.identity(cid, mid)
-        if stored_mid != mid:
-            # Like the LMDB server: the member keeps the ID it was born with.
-            log.info("member ID %x recorded in the database is kept (flags would give %x)", stored_mid, mid)
-            engine.close()
-            engine = open_engine(stored_mid)
-    except BaseException:
-        engine.close()
-        raise
-    return Node(
-        store=engine,
-        name=config.name,
-        member_id=stored_mid,
-        cluster_id=stored_cid,
-        peer_urls=config.initial_advertise_peer_urls,
-        client_urls=config.advertise_client_urls,
-        version=config.emulated_version,
-        quota_bytes=config.quota_backend_bytes,
-    )
+    return app.settle_node(config, open_engine, f"schema {schema}")
 
 
 PG_BACKEND = app.Backend(

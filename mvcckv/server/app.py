@@ -144,41 +144,33 @@ def _refusing(handler: grpc.RpcMethodHandler, err: errors.MvccError) -> grpc.Rpc
 # --- start and stop ---------------------------------------------------------------
 
 
-def open_node(config: Config) -> Node:
-    """Open the store and settle the member identity (blocking: run in a thread)."""
+def quota_bytes(config: Config) -> int:
+    """The engine's quota: etcd reads 0 as its 2 GiB default."""
+    return DEFAULT_QUOTA if config.quota_backend_bytes == 0 else config.quota_backend_bytes
+
+
+def settle_node(config: Config, open_engine: Callable[[int], object], where: str) -> Node:
+    """Open an engine under the member ID the flags give, settle the
+    identity recorded with the data, and build the Node (blocking).
+
+    A data dir (or schema) created with other peer URLs or another token
+    keeps the member ID it was born with, as etcd's member does; the engine
+    is then reopened under it (it raises its NOSPACE alarm under that ID).
+    """
     mid = identity.member_id(config.initial_advertise_peer_urls, config.initial_cluster_token)
     cid = identity.cluster_id([mid])
-    quota = DEFAULT_QUOTA if config.quota_backend_bytes == 0 else config.quota_backend_bytes
-
-    def open_store(member: int):
-        return mvcckv.open(
-            config.data_dir,
-            quota_bytes=quota,
-            max_txn_ops=config.max_txn_ops,
-            max_request_bytes=config.max_request_bytes,
-            member_id=member,
-        )
-
-    store = open_store(mid)
+    engine = open_engine(mid)
     try:
-        stored_cid, stored_mid = store.identity(cid, mid)
+        stored_cid, stored_mid = engine.identity(cid, mid)
         if stored_mid != mid:
-            # The data dir was created with other peer URLs or another
-            # token; like etcd, the member keeps the ID it was born with
-            # (the store raises its NOSPACE alarm under that ID).
-            log.info("member ID %x recorded in %s is kept (flags would give %x)",
-                     stored_mid, config.data_dir, mid)
-            store.close()
-            store = open_store(stored_mid)
+            log.info("member ID %x recorded in %s is kept (flags would give %x)", stored_mid, where, mid)
+            engine.close()
+            engine = open_engine(stored_mid)
     except BaseException:
-        store.close()
+        engine.close()
         raise
-    # The index just built lives as long as the server: moving it out of the
-    # collector's generations keeps full collections, which would walk every
-    # key's objects, from pausing requests.
-    gc.freeze()
     return Node(
-        store=store,
+        store=engine,
         name=config.name,
         member_id=stored_mid,
         cluster_id=stored_cid,
@@ -187,6 +179,26 @@ def open_node(config: Config) -> Node:
         version=config.emulated_version,
         quota_bytes=config.quota_backend_bytes,
     )
+
+
+def open_node(config: Config) -> Node:
+    """Open the LMDB store and settle the member identity (blocking: run in a thread)."""
+
+    def open_store(member: int):
+        return mvcckv.open(
+            config.data_dir,
+            quota_bytes=quota_bytes(config),
+            max_txn_ops=config.max_txn_ops,
+            max_request_bytes=config.max_request_bytes,
+            member_id=member,
+        )
+
+    node = settle_node(config, open_store, config.data_dir)
+    # The index just built lives as long as the server: moving it out of the
+    # collector's generations keeps full collections, which would walk every
+    # key's objects, from pausing requests.
+    gc.freeze()
+    return node
 
 
 class BindError(OSError):
