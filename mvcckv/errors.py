@@ -123,6 +123,98 @@ class SingleMemberError(MvccError):
     message = "mvcckv: membership changes are not supported: this server is a single-member cluster"
 
 
+# --- auth ---------------------------------------------------------------
+
+
+class RootUserNotExistError(MvccError):
+    message = "etcdserver: root user does not exist"
+
+
+class RootRoleNotExistError(MvccError):
+    message = "etcdserver: root user does not have root role"
+
+
+class UserAlreadyExistError(MvccError):
+    message = "etcdserver: user name already exists"
+
+
+class UserEmptyError(MvccError):
+    message = "etcdserver: user name is empty"
+
+
+class UserNotFoundError(MvccError):
+    message = "etcdserver: user name not found"
+
+
+class RoleAlreadyExistError(MvccError):
+    message = "etcdserver: role name already exists"
+
+
+class RoleNotFoundError(MvccError):
+    message = "etcdserver: role name not found"
+
+
+class RoleEmptyError(MvccError):
+    message = "etcdserver: role name is empty"
+
+
+class AuthFailedError(MvccError):
+    message = "etcdserver: authentication failed, invalid user ID or password"
+
+
+class NoPasswordUserError(MvccError):
+    """etcd has no client-facing text for it, so clients read the auth
+    package's own."""
+
+    message = "auth: authentication failed, password was given for no password user"
+
+
+class PasswordTooLongError(MvccError):
+    """Bcrypt reads at most 72 bytes; etcd refuses to hash a longer password
+    and passes the bcrypt package's text on."""
+
+    message = "bcrypt: password length exceeds 72 bytes"
+
+
+class PermissionNotGivenError(MvccError):
+    message = "etcdserver: permission not given"
+
+
+class PermissionDeniedError(MvccError):
+    message = "etcdserver: permission denied"
+
+
+class RoleNotGrantedError(MvccError):
+    message = "etcdserver: role is not granted to the user"
+
+
+class PermissionNotGrantedError(MvccError):
+    message = "etcdserver: permission is not granted to the role"
+
+
+class AuthNotEnabledError(MvccError):
+    message = "etcdserver: authentication is not enabled"
+
+
+class AuthOldRevisionError(MvccError):
+    message = "etcdserver: revision of auth store is old"
+
+
+class InvalidAuthTokenError(MvccError):
+    message = "etcdserver: invalid auth token"
+
+
+class InvalidAuthMgmtError(MvccError):
+    message = "etcdserver: invalid auth management"
+
+
+class AuthUnsupportedError(MvccError):
+    """Not an etcd error: the engine keeps no auth store (the PostgreSQL
+    engine), so auth can be neither administered nor enabled."""
+
+    message = "mvcckv: auth is not supported by this backend"
+
+
 # --- storage faults (not client errors) --------------------------------
 
 

@@ -27,6 +27,12 @@ Locks, always taken in this order:
   under a long read (snapshot, hash) or a checkpoint.
 * ``_lock``     — index and published state (revision, compact revision).
 
+Auth (``auth.py``) rides the same path: its changes are logged requests
+applied in the batch's LMDB transaction.  A request the server authorized
+carries the auth revision it was checked at; the writer refuses it if auth
+has changed since (etcd's check in its applier), and the WAL records that
+revision with it, so replay refuses the same requests.
+
 Compaction (§7): the Compact request sets the compact revision at apply
 time (reads below it fail from then on) and persists it as scheduled; a
 background thread then compacts the index in chunks and deletes the dead
@@ -56,6 +62,7 @@ from mvcckv.admission import (
     DEFAULT_MAX_TXN_OPS,
     Admission,
 )
+from mvcckv.auth import READ, READWRITE, WRITE, AuthStore
 from mvcckv.backend import (
     ALARM,
     DEFAULT_QUOTA,
@@ -73,6 +80,17 @@ from mvcckv.hash import HASH_HISTORY, KeyValueHash, KVHasher
 from mvcckv.index import RevisionNotFoundError, TreeIndex
 from mvcckv.kv import (
     KIND_ALARM,
+    KIND_AUTH_DISABLE,
+    KIND_AUTH_ENABLE,
+    KIND_AUTH_ROLE_ADD,
+    KIND_AUTH_ROLE_DELETE,
+    KIND_AUTH_ROLE_GRANT_PERMISSION,
+    KIND_AUTH_ROLE_REVOKE_PERMISSION,
+    KIND_AUTH_USER_ADD,
+    KIND_AUTH_USER_CHANGE_PASSWORD,
+    KIND_AUTH_USER_DELETE,
+    KIND_AUTH_USER_GRANT_ROLE,
+    KIND_AUTH_USER_REVOKE_ROLE,
     KIND_COMPACT,
     KIND_DELETE_RANGE,
     KIND_LEASE_CHECKPOINT,
@@ -85,7 +103,7 @@ from mvcckv.kv import (
     take_batch,
 )
 from mvcckv.lease import DEFAULT_MIN_TTL, Lessor, lease_key
-from mvcckv.pb import kv_pb2
+from mvcckv.pb import auth_pb2, kv_pb2
 from mvcckv.pb import rpc_pb2 as pb
 from mvcckv.revision import REV_BYTES_LEN, from_bytes, main_prefix, to_bytes
 from mvcckv.wal import WAL
@@ -102,7 +120,52 @@ _REQUEST_TYPES = {
     KIND_LEASE_GRANT: pb.LeaseGrantRequest,
     KIND_LEASE_REVOKE: pb.LeaseRevokeRequest,
     KIND_LEASE_CHECKPOINT: pb.LeaseCheckpointRequest,
+    KIND_AUTH_ENABLE: pb.AuthEnableRequest,
+    KIND_AUTH_DISABLE: pb.AuthDisableRequest,
+    KIND_AUTH_USER_ADD: pb.AuthUserAddRequest,
+    KIND_AUTH_USER_DELETE: pb.AuthUserDeleteRequest,
+    KIND_AUTH_USER_CHANGE_PASSWORD: pb.AuthUserChangePasswordRequest,
+    KIND_AUTH_USER_GRANT_ROLE: pb.AuthUserGrantRoleRequest,
+    KIND_AUTH_USER_REVOKE_ROLE: pb.AuthUserRevokeRoleRequest,
+    KIND_AUTH_ROLE_ADD: pb.AuthRoleAddRequest,
+    KIND_AUTH_ROLE_DELETE: pb.AuthRoleDeleteRequest,
+    KIND_AUTH_ROLE_GRANT_PERMISSION: pb.AuthRoleGrantPermissionRequest,
+    KIND_AUTH_ROLE_REVOKE_PERMISSION: pb.AuthRoleRevokePermissionRequest,
 }
+_FIRST_AUTH_KIND = KIND_AUTH_ENABLE
+_LAST_AUTH_KIND = KIND_AUTH_ROLE_REVOKE_PERMISSION
+# Requests whose plain-text password must be hashed away before logging.
+_PASSWORD_KINDS = frozenset((KIND_AUTH_USER_ADD, KIND_AUTH_USER_CHANGE_PASSWORD))
+
+# A request the server authorized at some auth revision is logged with this
+# bit set on its record type and that revision (8 bytes BE) before the
+# request's bytes, so that replay refuses it exactly when the live store did.
+_AUTHORIZED = 0x80
+
+
+class _Authorized:
+    """A request checked by the server at auth ``revision`` (queued and
+    applied in place of the request itself)."""
+
+    __slots__ = ("revision", "request")
+
+    def __init__(self, revision: int, request):
+        self.revision = revision
+        self.request = request
+
+
+def _authorized_decoder(parse):
+    def decode(payload: bytes) -> _Authorized:
+        return _Authorized(decode_u64(payload[:8]), parse(payload[8:]))
+
+    return decode
+
+
+# WAL record type -> parser of its payload.
+_DECODERS = {kind: cls.FromString for kind, cls in _REQUEST_TYPES.items()}
+_DECODERS.update({kind | _AUTHORIZED: _authorized_decoder(cls.FromString) for kind, cls in _REQUEST_TYPES.items()})
+
+_PERM_TYPES = {"read": READ, "write": WRITE, "readwrite": READWRITE}
 
 _MAX_BATCH = 512
 _WORK = 0  # queue item kind: a callable run on the writer thread
@@ -130,6 +193,8 @@ class Options:
     # How often aged leases record their remaining TTL, so a restart resumes
     # their countdown instead of granting a full TTL again.
     lease_checkpoint_interval: float = 300.0
+    # Bcrypt cost of password hashes (etcd's --bcrypt-cost).
+    bcrypt_cost: int = 10
 
 
 @dataclass(frozen=True)
@@ -294,6 +359,7 @@ class Store(Admission):
         self._durable_index = 0
         self._released_index = 0
         self._last_checkpoint = 0.0
+        self._auth = AuthStore(bcrypt_cost=self.options.bcrypt_cost, kv_revision=lambda: self._current)
         self._restore()
         self._db_size = self._backend.size()
         self._wal = WAL.open(
@@ -359,6 +425,7 @@ class Store(Admission):
             for k, _ in txn.cursor(db=be.dbs[ALARM]):
                 am = pb.AlarmMember.FromString(k)
                 self._alarms.add((am.memberID, am.alarm))
+            self._auth.recover(txn, be.dbs)
         # Compaction may have removed the newest revisions (a tombstone);
         # the revision must never go backwards.
         self._current = max(current, self._finished_compact_rev, self._scheduled_compact_rev)
@@ -380,7 +447,7 @@ class Store(Admission):
             with self._lock:
                 for index, kind, payload in batch:
                     try:
-                        self._apply(txn, kind, _REQUEST_TYPES[kind].FromString(payload))
+                        self._apply(txn, kind, _DECODERS[kind](payload))
                     except errors.MvccError:
                         pass  # it failed the same way when first applied
                 txn.put(META_CONSISTENT_INDEX, encode_u64(batch[-1][0]), db=self._backend.meta_db)
@@ -391,20 +458,31 @@ class Store(Admission):
     # ------------------------------------------------------------------
     # writes
 
-    def propose(self, kind: int, req) -> Future:
+    def propose(self, kind: int, req, auth_revision: int = 0) -> Future:
         """Admit and queue a logged request; the future resolves to its response.
 
         Raises the request's error at once when it fails a static check
         (see ``admission.py``, also for requests over the space quota).
+        A non-zero ``auth_revision`` is the auth revision the server checked
+        the request's permissions at: if auth is on and has changed since
+        when the request is applied, it fails with AuthOldRevisionError.
+        UserAdd and UserChangePassword must come through
+        ``AuthStore.prepare`` (no plain-text password is ever logged).
         """
         self._check_open()
         refused = self._admit(kind, req)
         if refused is not None:
             return refused
+        if kind in _PASSWORD_KINDS and req.password:
+            raise ValueError("a password must be hashed (AuthStore.prepare) before the request is proposed")
         data = req.SerializeToString()
         self._check_size(len(data))
         fut: Future = Future()
-        self._queue.put((kind, data, req, fut))
+        if auth_revision:
+            logged = encode_u64(auth_revision) + data
+            self._queue.put((kind | _AUTHORIZED, logged, _Authorized(auth_revision, req), fut))
+        else:
+            self._queue.put((kind, data, req, fut))
         return fut
 
     def _check_open(self) -> None:
@@ -489,6 +567,7 @@ class Store(Admission):
     def _after_commit(self, changes) -> None:
         """Runs on the writer thread after each commit."""
         self._db_size = self._backend.size()
+        self._auth.committed()
         if changes:
             for fn in self._listeners:
                 try:
@@ -529,6 +608,13 @@ class Store(Admission):
             resp = self._apply_lease_revoke(view, txn, req)
         elif kind == KIND_LEASE_CHECKPOINT:
             return self._apply_lease_checkpoint(txn, req)
+        elif _FIRST_AUTH_KIND <= kind <= _LAST_AUTH_KIND:
+            resp = self._auth.apply(kind, req, txn, self._backend.dbs)
+            resp.header.revision = self._current
+            return resp
+        elif kind & _AUTHORIZED:
+            self._auth.check_revision(req.revision)
+            return self._apply(txn, kind & ~_AUTHORIZED, req.request, changes)
         else:
             raise errors.StorageError(f"unknown WAL record type {kind}")
         view.end()
@@ -1040,6 +1126,109 @@ class Store(Admission):
         """etcd's Alarm (GET / ACTIVATE / DEACTIVATE)."""
         mid = self.options.member_id if member_id is None else member_id
         return self.propose(KIND_ALARM, pb.AlarmRequest(action=action, alarm=alarm, memberID=mid)).result()
+
+    # ------------------------------------------------------------------
+    # auth (§11): the embedded API administers it directly, as root would
+
+    @property
+    def auth(self) -> AuthStore:
+        """The auth store: state, password and permission checks."""
+        return self._auth
+
+    def _propose_auth(self, kind: int, req):
+        return self.propose(kind, self._auth.prepare(kind, req)).result()
+
+    def auth_enable(self) -> pb.AuthEnableResponse:
+        """Turn auth on; user ``root`` must exist and have role ``root``."""
+        return self._propose_auth(KIND_AUTH_ENABLE, pb.AuthEnableRequest())
+
+    def auth_disable(self) -> pb.AuthDisableResponse:
+        return self._propose_auth(KIND_AUTH_DISABLE, pb.AuthDisableRequest())
+
+    def auth_status(self) -> pb.AuthStatusResponse:
+        """Whether auth is on, and the auth revision."""
+        self._check_open()
+        return self._auth.status()
+
+    def user_add(self, name: str, password: str | None = None, *, no_password: bool = False) -> pb.AuthUserAddResponse:
+        """Add a user.  A ``no_password`` user cannot authenticate with a
+        password; otherwise ``password`` (None: "") is stored as its bcrypt
+        hash, hashed here on the calling thread.
+
+        >>> import mvcckv, tempfile
+        >>> with mvcckv.open(tempfile.mkdtemp(), bcrypt_cost=4) as store:
+        ...     _ = store.user_add("alice", "pw"); _ = store.role_add("ops")
+        ...     _ = store.user_grant_role("alice", "ops")
+        ...     list(store.user_get("alice").roles), store.auth_status().authRevision
+        (['ops'], 4)
+        """
+        req = pb.AuthUserAddRequest(name=name, password=password or "")
+        if no_password:
+            req.options.no_password = True
+        return self._propose_auth(KIND_AUTH_USER_ADD, req)
+
+    def user_delete(self, name: str) -> pb.AuthUserDeleteResponse:
+        return self._propose_auth(KIND_AUTH_USER_DELETE, pb.AuthUserDeleteRequest(name=name))
+
+    def user_change_password(self, name: str, password: str) -> pb.AuthUserChangePasswordResponse:
+        req = pb.AuthUserChangePasswordRequest(name=name, password=password)
+        return self._propose_auth(KIND_AUTH_USER_CHANGE_PASSWORD, req)
+
+    def user_grant_role(self, user: str, role: str) -> pb.AuthUserGrantRoleResponse:
+        """Grant ``role`` (which must exist, unless it is ``root``)."""
+        return self._propose_auth(KIND_AUTH_USER_GRANT_ROLE, pb.AuthUserGrantRoleRequest(user=user, role=role))
+
+    def user_revoke_role(self, user: str, role: str) -> pb.AuthUserRevokeRoleResponse:
+        return self._propose_auth(KIND_AUTH_USER_REVOKE_ROLE, pb.AuthUserRevokeRoleRequest(name=user, role=role))
+
+    def user_get(self, name: str) -> pb.AuthUserGetResponse:
+        self._check_open()
+        return self._auth.user_get(name)
+
+    def user_list(self) -> pb.AuthUserListResponse:
+        self._check_open()
+        return self._auth.user_list()
+
+    def role_add(self, name: str) -> pb.AuthRoleAddResponse:
+        return self._propose_auth(KIND_AUTH_ROLE_ADD, pb.AuthRoleAddRequest(name=name))
+
+    def role_delete(self, name: str) -> pb.AuthRoleDeleteResponse:
+        """Delete a role; every user that had it loses it."""
+        return self._propose_auth(KIND_AUTH_ROLE_DELETE, pb.AuthRoleDeleteRequest(role=name))
+
+    def role_get(self, name: str) -> pb.AuthRoleGetResponse:
+        self._check_open()
+        return self._auth.role_get(name)
+
+    def role_list(self) -> pb.AuthRoleListResponse:
+        self._check_open()
+        return self._auth.role_list()
+
+    def role_grant_permission(
+        self,
+        role: str,
+        key: bytes | str,
+        range_end: bytes | str = b"",
+        perm: str | int = "readwrite",
+    ) -> pb.AuthRoleGrantPermissionResponse:
+        """Grant ``perm`` ("read", "write", "readwrite" or an
+        ``authpb.Permission`` type) on one key (no ``range_end``), on
+        ``[key, range_end)``, or on every key from ``key`` on (``b"\\0"``).
+        Granting the same key and range again replaces the type."""
+        if isinstance(perm, str):
+            try:
+                perm = _PERM_TYPES[perm.lower()]
+            except KeyError:
+                raise ValueError(f"unknown permission type {perm!r}") from None
+        p = auth_pb2.Permission(permType=perm, key=_b(key), range_end=_b(range_end))
+        return self._propose_auth(KIND_AUTH_ROLE_GRANT_PERMISSION, pb.AuthRoleGrantPermissionRequest(name=role, perm=p))
+
+    def role_revoke_permission(
+        self, role: str, key: bytes | str, range_end: bytes | str = b""
+    ) -> pb.AuthRoleRevokePermissionResponse:
+        """Revoke the permission granted on exactly this key and range_end."""
+        req = pb.AuthRoleRevokePermissionRequest(role=role, key=_b(key), range_end=_b(range_end))
+        return self._propose_auth(KIND_AUTH_ROLE_REVOKE_PERMISSION, req)
 
     # ------------------------------------------------------------------
     # hashes

@@ -105,6 +105,29 @@ CODES: dict[type[errors.MvccError], grpc.StatusCode] = {
     WrongDowngradeVersionFormatError: Code.INVALID_ARGUMENT,
     InvalidDowngradeTargetVersionError: Code.INVALID_ARGUMENT,
     DowngradeUnsupportedError: Code.UNIMPLEMENTED,
+    # auth
+    errors.RootUserNotExistError: Code.FAILED_PRECONDITION,
+    errors.RootRoleNotExistError: Code.FAILED_PRECONDITION,
+    errors.UserAlreadyExistError: Code.FAILED_PRECONDITION,
+    errors.UserEmptyError: Code.INVALID_ARGUMENT,
+    errors.UserNotFoundError: Code.FAILED_PRECONDITION,
+    errors.RoleAlreadyExistError: Code.FAILED_PRECONDITION,
+    errors.RoleNotFoundError: Code.FAILED_PRECONDITION,
+    errors.RoleEmptyError: Code.INVALID_ARGUMENT,
+    errors.AuthFailedError: Code.INVALID_ARGUMENT,
+    errors.PermissionNotGivenError: Code.INVALID_ARGUMENT,
+    errors.PermissionDeniedError: Code.PERMISSION_DENIED,
+    errors.RoleNotGrantedError: Code.FAILED_PRECONDITION,
+    errors.PermissionNotGrantedError: Code.FAILED_PRECONDITION,
+    errors.AuthNotEnabledError: Code.FAILED_PRECONDITION,
+    errors.AuthOldRevisionError: Code.INVALID_ARGUMENT,
+    errors.InvalidAuthTokenError: Code.UNAUTHENTICATED,
+    errors.InvalidAuthMgmtError: Code.INVALID_ARGUMENT,
+    # UNIMPLEMENTED tells a client that retrying cannot help.
+    errors.AuthUnsupportedError: Code.UNIMPLEMENTED,
+    # Not in etcd's table: etcd answers them Unknown with their own text.
+    errors.NoPasswordUserError: Code.UNKNOWN,
+    errors.PasswordTooLongError: Code.UNKNOWN,
     # etcd has no code for it either.
     UnknownMethodError: Code.UNKNOWN,
 }
