@@ -11,7 +11,7 @@ named databases:
           ``cluster_id`` / ``member_id`` (8-byte BE)
 ``lease`` 8-byte BE lease ID -> encoded ``leasepb.Lease``
 ``alarm`` encoded ``AlarmMember`` -> b""
-``auth``, ``authUsers``, ``authRoles``  reserved for the auth store
+``auth``, ``authUsers``, ``authRoles``  the auth store (see ``auth.py``)
 ========  ==================================================================
 
 Durability comes from the WAL, not from LMDB: the environment is opened

@@ -117,6 +117,10 @@ class ServerProcess:
     Ready means: the client port accepts TCP and a ``KV/Range`` call on the
     key ``health`` (what ``etcdctl endpoint health`` sends) gets any answer
     other than UNAVAILABLE or DEADLINE_EXCEEDED.
+
+    With ``channel_credentials`` (``grpc.ssl_channel_credentials(...)``) the
+    client port is https:// and the readiness check and :meth:`channel` use
+    them.
     """
 
     name = "server"
@@ -129,8 +133,10 @@ class ServerProcess:
         log_path: str | os.PathLike[str] | None = None,
         startup_timeout: float = STARTUP_TIMEOUT,
         stop_timeout: float = STOP_TIMEOUT,
+        channel_credentials: grpc.ChannelCredentials | None = None,
     ):
         self.extra_args = tuple(extra_args)
+        self.channel_credentials = channel_credentials
         self.startup_timeout = startup_timeout
         self.stop_timeout = stop_timeout
         self.workdir: Path | None = None
@@ -147,7 +153,8 @@ class ServerProcess:
 
     @property
     def client_url(self) -> str:
-        return f"http://{self.endpoint}"
+        scheme = "https" if self.channel_credentials is not None else "http"
+        return f"{scheme}://{self.endpoint}"
 
     @property
     def log_path(self) -> Path:
@@ -229,7 +236,7 @@ class ServerProcess:
 
     def channel(self) -> grpc.Channel:
         """A new :func:`grpc_channel` to this server; close it when done."""
-        return grpc_channel(self.endpoint)
+        return grpc_channel(self.endpoint, credentials=self.channel_credentials)
 
     # -- internals --
 
@@ -275,7 +282,7 @@ class ServerProcess:
                     time.sleep(_POLL_INTERVAL)
                     continue
                 if channel is None:
-                    channel = grpc_channel(self.endpoint)
+                    channel = self.channel()
                 reply = call(
                     channel,
                     "/etcdserverpb.KV/Range",
@@ -560,8 +567,12 @@ CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
 )
 
 
-def grpc_channel(endpoint: str, options: Iterable[tuple[str, Any]] = ()) -> grpc.Channel:
-    """An insecure channel to ``host:port`` (or ``http://host:port``)."""
+def grpc_channel(endpoint: str, options: Iterable[tuple[str, Any]] = (),
+                 credentials: grpc.ChannelCredentials | None = None) -> grpc.Channel:
+    """A channel to ``host:port`` (or ``http://host:port``): insecure, or
+    TLS with ``credentials``."""
+    if credentials is not None:
+        return grpc.secure_channel(_target(endpoint), credentials, options=[*CHANNEL_OPTIONS, *options])
     return grpc.insecure_channel(_target(endpoint), options=[*CHANNEL_OPTIONS, *options])
 
 

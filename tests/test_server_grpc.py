@@ -378,14 +378,10 @@ def test_rpc_wrapper_maps_errors_and_survives_bugs(caplog):
     assert "Servicer.Method failed" in caplog.text and "Traceback" in caplog.text
 
 
-@pytest.mark.parametrize("service, method", [
-    ("Auth", "AuthStatus"),
-])
-def test_services_not_built_yet_are_unimplemented(channel, service, method):
-    call = channel.unary_unary(f"/etcdserverpb.{service}/{method}")
-    with pytest.raises(grpc.RpcError) as info:
-        call(b"", timeout=10)
-    assert info.value.code() == C.UNIMPLEMENTED
+def test_auth_status_of_a_fresh_server(channel):
+    st = stub(channel, "Auth").AuthStatus(pb.AuthStatusRequest(), timeout=10)
+    assert (st.enabled, st.authRevision) == (False, 1)
+    assert st.header.cluster_id and st.header.member_id
 
 
 # --- Maintenance -------------------------------------------------------------------
@@ -729,7 +725,7 @@ def test_help_documents_every_flag():
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--listen-client-urls", "https://127.0.0.1:2379"], "only http:// is supported"),
+    (["--listen-client-urls", "https://127.0.0.1:2379"], "TLS key/cert (--cert-file, --key-file) must be provided"),
     (["--listen-client-urls", "http://example.com:2379"], "expected IP in URL for binding"),
     (["--listen-client-urls", "http://127.0.0.1"], "missing port"),
     (["--auto-compaction-mode", "hourly", "--auto-compaction-retention", "1"], "unsupported compaction mode"),

@@ -11,13 +11,18 @@ Life cycle::
     a second signal: os._exit at once (safe: every acknowledged write is in
                     the WAL, which the next start replays)
 
-Services: KV, Watch, Lease, Maintenance, Cluster and grpc.health.v1.Health.
-Auth is not registered yet, so clients get UNIMPLEMENTED for it.
+Services: KV, Watch, Lease, Maintenance, Cluster, Auth and
+grpc.health.v1.Health.  One guard (``guard.py``) does every service's
+access checks, with the token provider ``--auth-token`` names.
 
 gRPC settings follow etcd (ETCD_SEMANTICS §1.3): receive limit
-max-request-bytes + 512 KiB, send limit 2^31-1, and keepalive enforcement
-that tolerates etcdctl's client pings (every 10 s, also between calls)
-instead of answering them with GOAWAY "too_many_pings".
+max-request-bytes + 512 KiB, send limit 2^31-1, --max-concurrent-streams,
+server pings by --grpc-keepalive-interval/-timeout, and keepalive
+enforcement that tolerates etcdctl's client pings (every 10 s, also between
+calls) instead of answering them with GOAWAY "too_many_pings".
+
+http:// and https:// listeners may be mixed; each https one serves with the
+TLS of ``mvcckv.server.tls``, checked before the store is opened.
 """
 
 from __future__ import annotations
@@ -42,14 +47,17 @@ from mvcckv import errors
 from mvcckv.pb import rpc_pb2_grpc
 from mvcckv.pb import rpc_pb2 as pb
 from mvcckv.server import compactor as compactor_mod
-from mvcckv.server import identity
+from mvcckv.server import identity, tls
+from mvcckv.server.auth import AuthServicer, token_listener
 from mvcckv.server.cluster import ClusterServicer
 from mvcckv.server.config import Config, Listener
+from mvcckv.server.guard import Guard
 from mvcckv.server.kv import KVServicer
 from mvcckv.server.lease import LeaseServicer
 from mvcckv.server.maintenance import MaintenanceServicer
 from mvcckv.server.node import Node
 from mvcckv.server.rpctypes import InvalidClientAPIVersionError, status_code
+from mvcckv.server.tokens import token_provider
 from mvcckv.server.watch import WatchServicer
 from mvcckv.store import DEFAULT_QUOTA, KIND_COMPACT
 
@@ -62,24 +70,51 @@ MAX_SEND_BYTES = 2**31 - 1
 CLIENT_API_VERSION_KEY = "client-api-version"
 
 
+# What grpc-go uses when etcd passes it no setting (a keepalive flag of 0):
+# the enforcement policy's minimum ping interval, and the server's ping
+# interval and timeout.
+GRPC_DEFAULT_MIN_PING_INTERVAL = 5 * 60.0
+GRPC_DEFAULT_KEEPALIVE_INTERVAL = 2 * 60 * 60.0
+GRPC_DEFAULT_KEEPALIVE_TIMEOUT = 20.0
+# grpcio takes channel arguments as C ints.
+_MAX_GRPC_INT = 2**31 - 1
+
+
 def grpc_options(config: Config) -> list[tuple[str, int]]:
-    return [
+    min_ping = config.grpc_keepalive_min_time
+    if min_ping <= 0:
+        min_ping = GRPC_DEFAULT_MIN_PING_INTERVAL
+    interval, timeout = config.grpc_keepalive_interval, config.grpc_keepalive_timeout
+    if interval <= 0 or timeout <= 0:
+        interval, timeout = GRPC_DEFAULT_KEEPALIVE_INTERVAL, GRPC_DEFAULT_KEEPALIVE_TIMEOUT
+    options = [
         ("grpc.max_receive_message_length", config.max_request_bytes + GRPC_OVERHEAD_BYTES),
         ("grpc.max_send_message_length", MAX_SEND_BYTES),
-        # etcd enforces a 5 s minimum ping interval and lets clients ping
-        # without an active call; grpcio's defaults (5 min, no pings without
-        # calls, 2 strikes) would GOAWAY etcdctl's 10 s pings.
-        ("grpc.http2.min_ping_interval_without_data_ms", 5000),
+        # grpcio's defaults (5 min, no pings without calls, 2 strikes)
+        # would GOAWAY etcdctl's 10 s pings, also those between calls.
+        # With unlimited strikes no ping is ever refused, so the minimum
+        # (--grpc-keepalive-min-time) only names what counts as a strike.
+        ("grpc.http2.min_ping_interval_without_data_ms", _ms(min_ping)),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.max_ping_strikes", 0),
-        # etcd's server-side keepalive: ping an idle client every 2 h, give
-        # up after 20 s without an answer.
-        ("grpc.keepalive_time_ms", 2 * 60 * 60 * 1000),
-        ("grpc.keepalive_timeout_ms", 20 * 1000),
+        # etcd's server-side keepalive: ping an idle client every
+        # interval (2 h), give up after timeout (20 s) without an answer.
+        ("grpc.keepalive_time_ms", _ms(interval)),
+        ("grpc.keepalive_timeout_ms", _ms(timeout)),
         # Without this a second server could bind the same port and the
         # kernel would split clients between the two.
         ("grpc.so_reuseport", 0),
     ]
+    streams = config.max_concurrent_streams
+    # grpc-go reads 0 as "no limit"; grpcio's own default is no limit, and
+    # it cannot take etcd's default of 2^32-1.
+    if 0 < streams < _MAX_GRPC_INT:
+        options.append(("grpc.max_concurrent_streams", streams))
+    return options
+
+
+def _ms(seconds: float) -> int:
+    return max(1, min(_MAX_GRPC_INT, round(seconds * 1000)))
 
 
 # --- metadata ------------------------------------------------------------------
@@ -191,6 +226,7 @@ def open_node(config: Config) -> Node:
             max_txn_ops=config.max_txn_ops,
             max_request_bytes=config.max_request_bytes,
             member_id=member,
+            bcrypt_cost=config.bcrypt_cost,
         )
 
     node = settle_node(config, open_store, config.data_dir)
@@ -205,9 +241,12 @@ class BindError(OSError):
     pass
 
 
-def _bind(server: grpc.aio.Server, listener: Listener) -> int:
+def _bind(server: grpc.aio.Server, listener: Listener, credentials: grpc.ServerCredentials | None) -> int:
     try:
-        port = server.add_insecure_port(listener.address)
+        if listener.secure:
+            port = server.add_secure_port(listener.address, credentials)
+        else:
+            port = server.add_insecure_port(listener.address)
     except RuntimeError:
         port = 0
     if port == 0:
@@ -236,15 +275,32 @@ def _go_style(text: str) -> str:
     return text[:1].lower() + text[1:]
 
 
+def build_guard(node: Node, config: Config) -> Guard:
+    """The access checks, with the token provider the flags ask for.
+
+    The provider must hear of every auth change (tokens of a deleted user
+    die with it), and starts enabled when the data dir has auth on, as
+    etcd's auth store enables its provider at open.
+    """
+    tokens = token_provider(config.auth_token, config.auth_token_ttl)
+    guard = Guard(node.store, tokens, cert_auth=config.client_cert_auth)
+    guard.auth.add_listener(token_listener(guard))
+    if guard.auth.enabled:
+        tokens.enable()
+    return guard
+
+
 def build_server(node: Node, config: Config) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
     server = grpc.aio.server(options=grpc_options(config), interceptors=[MetadataInterceptor()])
-    rpc_pb2_grpc.add_KVServicer_to_server(KVServicer(node), server)
+    guard = build_guard(node, config)
+    rpc_pb2_grpc.add_KVServicer_to_server(KVServicer(node, guard), server)
     node.store.watch_hub.progress_interval = config.watch_progress_notify_interval
     rpc_pb2_grpc.add_WatchServicer_to_server(
-        WatchServicer(node, config.max_request_bytes + GRPC_OVERHEAD_BYTES), server)
-    rpc_pb2_grpc.add_LeaseServicer_to_server(LeaseServicer(node), server)
-    rpc_pb2_grpc.add_MaintenanceServicer_to_server(MaintenanceServicer(node), server)
-    rpc_pb2_grpc.add_ClusterServicer_to_server(ClusterServicer(node), server)
+        WatchServicer(node, config.max_request_bytes + GRPC_OVERHEAD_BYTES, guard), server)
+    rpc_pb2_grpc.add_LeaseServicer_to_server(LeaseServicer(node, guard), server)
+    rpc_pb2_grpc.add_MaintenanceServicer_to_server(MaintenanceServicer(node, guard), server)
+    rpc_pb2_grpc.add_ClusterServicer_to_server(ClusterServicer(node, guard), server)
+    rpc_pb2_grpc.add_AuthServicer_to_server(AuthServicer(node, guard), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     return server, health_servicer
@@ -306,6 +362,14 @@ async def serve(config: Config, backend: Backend = LMDB_BACKEND) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal, sig)
 
+    for warning in config.warnings:
+        log.warning("%s", warning)
+    try:
+        server_tls = await asyncio.to_thread(tls.server_tls, config)
+    except tls.TLSError as err:
+        log.error("cannot serve TLS: %s", err)
+        return 1
+    credentials = server_tls.credentials() if server_tls is not None else None
     try:
         node = await asyncio.to_thread(backend.open_node, config)
     except backend.open_errors as err:
@@ -321,9 +385,9 @@ async def serve(config: Config, backend: Backend = LMDB_BACKEND) -> int:
         server, health_servicer = build_server(node, config)
         urls = []
         for listener in config.listeners:
-            port = _bind(server, listener)
+            port = _bind(server, listener, credentials)
             urls.append(listener.url if port == listener.port else
-                        f"http://{listener.address.rpartition(':')[0]}:{port}")
+                        f"{listener.scheme}://{listener.address.rpartition(':')[0]}:{port}")
         await server.start()
         await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
         comp_task = start_compactor(node, config)

@@ -13,14 +13,16 @@ from mvcckv import errors
 from mvcckv.pb import rpc_pb2 as pb
 from mvcckv.pb import rpc_pb2_grpc
 from mvcckv.server import rpctypes
+from mvcckv.server.guard import Guard
 from mvcckv.server.identity import check_urls
 from mvcckv.server.node import RAFT_TERM, Node
 from mvcckv.server.rpctypes import rpc
 
 
 class ClusterServicer(rpc_pb2_grpc.ClusterServicer):
-    def __init__(self, node: Node):
+    def __init__(self, node: Node, guard: Guard):
         self._node = node
+        self._guard = guard
 
     def _header(self, header: pb.ResponseHeader) -> None:
         header.cluster_id = self._node.cluster_id
@@ -38,6 +40,7 @@ class ClusterServicer(rpc_pb2_grpc.ClusterServicer):
 
     @rpc
     async def MemberList(self, request, context):
+        self._guard.require(context)
         return self._members(pb.MemberListResponse())
 
     @rpc
@@ -46,17 +49,20 @@ class ClusterServicer(rpc_pb2_grpc.ClusterServicer):
             urls = check_urls(request.peerURLs)
         except ValueError:
             raise rpctypes.MemberBadURLsError() from None
+        self._guard.admin(context)
         if set(urls) & set(self._node.peer_urls):
             raise rpctypes.PeerURLExistsError()
         raise errors.SingleMemberError()
 
     @rpc
     async def MemberRemove(self, request, context):
+        self._guard.admin(context)
         self._check_known(request.ID)
         raise errors.SingleMemberError()
 
     @rpc
     async def MemberUpdate(self, request, context):
+        self._guard.admin(context)
         self._check_known(request.ID)
         if sorted(request.peerURLs) == sorted(self._node.peer_urls):
             return self._members(pb.MemberUpdateResponse())
@@ -64,5 +70,6 @@ class ClusterServicer(rpc_pb2_grpc.ClusterServicer):
 
     @rpc
     async def MemberPromote(self, request, context):
+        self._guard.admin(context)
         self._check_known(request.ID)
         raise errors.NotLearnerError()

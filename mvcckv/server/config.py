@@ -7,7 +7,18 @@ Differences from etcd, on purpose:
 * ``--advertise-client-urls`` defaults to the listen URLs, so that clients
   which sync their endpoint list from MemberList (``clientURLs``) reach a
   URL the server really listens on.
-* Only ``http://`` listen URLs: there is no TLS yet.
+* Listen URLs are ``http://`` or ``https://`` (no unix sockets).
+* ``--client-cert-auth`` needs ``--trusted-ca-file`` (etcd would fall back
+  to the system's CAs), and it stays on with ``--auto-tls`` (etcd's
+  generated certificate silently drops it).
+* ``--grpc-keepalive-min-time`` is not enforced: clients pinging more often
+  are tolerated instead of being sent GOAWAY "too_many_pings"
+  (ETCD_SEMANTICS §1.3).
+
+Kept from etcd although surprising: a ``--bcrypt-cost`` outside bcrypt's
+4..31 is replaced by 10 with a warning, not refused; a keepalive interval or
+timeout of 0 (or less) means gRPC's defaults, not "off";
+``--max-concurrent-streams 0`` means no limit.
 """
 
 from __future__ import annotations
@@ -31,6 +42,18 @@ EMULATED_VERSION = "3.6.14"
 DEFAULT_WATCH_PROGRESS_NOTIFY_INTERVAL = 600.0
 MIN_WATCH_PROGRESS_NOTIFY_INTERVAL = 0.1
 LOG_LEVELS = ("debug", "info", "warn", "error")
+MAX_UINT32 = 2**32 - 1
+DEFAULT_MAX_CONCURRENT_STREAMS = MAX_UINT32
+DEFAULT_GRPC_KEEPALIVE_MIN_TIME = 5.0
+DEFAULT_GRPC_KEEPALIVE_INTERVAL = 2 * 60 * 60.0
+DEFAULT_GRPC_KEEPALIVE_TIMEOUT = 20.0
+DEFAULT_AUTH_TOKEN = "simple"
+AUTH_TOKEN_TYPES = ("simple", "jwt")
+DEFAULT_AUTH_TOKEN_TTL = 300
+# bcrypt's limits and default, which etcd takes from golang.org/x/crypto/bcrypt.
+MIN_BCRYPT_COST = 4
+MAX_BCRYPT_COST = 31
+DEFAULT_BCRYPT_COST = 10
 
 # (flag, default, help).  The default None of --data-dir and
 # --advertise-client-urls means "derived", as the help says.
@@ -41,8 +64,9 @@ _FLAGS: tuple[tuple[str, str | None, str], ...] = (
      "Where the data lives: empty for the LMDB store in --data-dir (the default), or a "
      "postgresql:// URL to keep it in PostgreSQL (mvcckv.pg; --data-dir is then unused)."),
     ("listen-client-urls", "http://127.0.0.1:2379",
-     "Comma-separated http:// URLs to serve clients on; the host must be an IP address or "
-     "localhost and only that address is bound."),
+     "Comma-separated http:// or https:// URLs to serve clients on (https:// needs --cert-file "
+     "and --key-file, or --auto-tls); the host must be an IP address or localhost and only that "
+     "address is bound."),
     ("advertise-client-urls", None,
      "Comma-separated client URLs to advertise in MemberList (default: the listen URLs)."),
     ("initial-advertise-peer-urls", "http://localhost:2380",
@@ -66,7 +90,41 @@ _FLAGS: tuple[tuple[str, str | None, str], ...] = (
     ("log-level", "info", "Log level: " + ", ".join(LOG_LEVELS) + "."),
     ("emulated-version", EMULATED_VERSION,
      "etcd server version reported by Status (etcdctl endpoint status)."),
+    ("cert-file", None, "Path to the client server TLS cert file (PEM, the chain may follow the certificate)."),
+    ("key-file", None, "Path to the client server TLS key file (PEM, unencrypted)."),
+    ("trusted-ca-file", None,
+     "Path to the client server TLS trusted CA cert file; when given, https:// clients must "
+     "present a certificate it signed."),
+    ("client-cert-auth", "false",
+     "Enable client cert authentication: https:// clients must present a certificate signed by "
+     "--trusted-ca-file; its Common Name is the user of requests that carry no auth token."),
+    ("auto-tls", "false",
+     "Client TLS using a generated self-signed certificate (kept in <data-dir>/fixtures/client) "
+     "when --cert-file and --key-file are not given."),
+    ("max-concurrent-streams", str(DEFAULT_MAX_CONCURRENT_STREAMS),
+     "Maximum concurrent streams that each client connection can open at a time; further calls "
+     "wait for one to end. 0 means no limit."),
+    ("grpc-keepalive-min-time", "5s",
+     "Minimum duration interval that a client should wait before pinging server. Accepted, not "
+     "enforced: mvcckv never closes a connection for pinging too often, so that etcdctl's pings "
+     "between calls cost no reconnect."),
+    ("grpc-keepalive-interval", "2h",
+     "Frequency duration of server-to-client ping to check if a connection is alive (0 here or "
+     "in --grpc-keepalive-timeout: gRPC's defaults, 2h and 20s)."),
+    ("grpc-keepalive-timeout", "20s",
+     "Additional duration of wait before closing a non-responsive connection (0 here or in "
+     "--grpc-keepalive-interval: gRPC's defaults, 2h and 20s)."),
+    ("auth-token", DEFAULT_AUTH_TOKEN,
+     "Auth token type and options: 'simple', or 'jwt,pub-key=<path>,priv-key=<path>,"
+     "sign-method=<alg>[,ttl=<duration>]'."),
+    ("auth-token-ttl", str(DEFAULT_AUTH_TOKEN_TTL), "The lifetime in seconds of the auth token."),
+    ("bcrypt-cost", str(DEFAULT_BCRYPT_COST),
+     f"Cost of the bcrypt hashing of auth passwords, {MIN_BCRYPT_COST} to {MAX_BCRYPT_COST} (other "
+     f"values fall back to {DEFAULT_BCRYPT_COST} with a warning, as in etcd)."),
 )
+
+# Go-style booleans: ``--auto-tls`` alone means true.
+_BOOL_FLAGS = frozenset({"client-cert-auth", "auto-tls"})
 
 
 def env_name(flag: str) -> str:
@@ -82,6 +140,11 @@ class Listener:
     url: str
     host: str
     port: int
+    scheme: str = "http"
+
+    @property
+    def secure(self) -> bool:
+        return self.scheme == "https"
 
     @property
     def address(self) -> str:
@@ -110,6 +173,25 @@ class Config:
     """Seconds between progress notifications (etcd adds 0-10 % jitter)."""
     log_level: str = "info"
     emulated_version: str = EMULATED_VERSION
+    cert_file: str | None = None
+    key_file: str | None = None
+    trusted_ca_file: str | None = None
+    client_cert_auth: bool = False
+    auto_tls: bool = False
+    max_concurrent_streams: int = DEFAULT_MAX_CONCURRENT_STREAMS
+    """Per connection; 0 or 2^32-1 (the default) means no limit."""
+    grpc_keepalive_min_time: float = DEFAULT_GRPC_KEEPALIVE_MIN_TIME
+    """Seconds; 0 or less means gRPC's default (5 min)."""
+    grpc_keepalive_interval: float = DEFAULT_GRPC_KEEPALIVE_INTERVAL
+    """Seconds; with the timeout, 0 or less in either means gRPC's defaults."""
+    grpc_keepalive_timeout: float = DEFAULT_GRPC_KEEPALIVE_TIMEOUT
+    auth_token: str = DEFAULT_AUTH_TOKEN
+    auth_token_ttl: int = DEFAULT_AUTH_TOKEN_TTL
+    """Seconds."""
+    bcrypt_cost: int = DEFAULT_BCRYPT_COST
+    """The cost to hash with: always within bcrypt's limits."""
+    warnings: tuple[str, ...] = ()
+    """Flag values etcd accepts with a warning; logged at startup."""
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "Config":
@@ -145,6 +227,13 @@ class Config:
         max_ops = _int("max-txn-ops", args.max_txn_ops)
         if max_request <= 0 or max_ops <= 0:
             raise ConfigError("--max-request-bytes and --max-txn-ops must be positive")
+        warnings: list[str] = []
+        tls = _tls_flags(args, listeners)
+        bcrypt_cost = _uint("bcrypt-cost", args.bcrypt_cost)
+        if not MIN_BCRYPT_COST <= bcrypt_cost <= MAX_BCRYPT_COST:
+            warnings.append(f"--bcrypt-cost {bcrypt_cost} is outside {MIN_BCRYPT_COST}..{MAX_BCRYPT_COST}: "
+                            f"using the default, {DEFAULT_BCRYPT_COST}")
+            bcrypt_cost = DEFAULT_BCRYPT_COST
         return cls(
             name=name,
             data_dir=args.data_dir or f"{name}.mvcckv",
@@ -161,13 +250,22 @@ class Config:
             watch_progress_notify_interval=progress,
             log_level=level,
             emulated_version=version,
+            **tls,
+            max_concurrent_streams=_uint("max-concurrent-streams", args.max_concurrent_streams, MAX_UINT32),
+            grpc_keepalive_min_time=_seconds("grpc-keepalive-min-time", args.grpc_keepalive_min_time),
+            grpc_keepalive_interval=_seconds("grpc-keepalive-interval", args.grpc_keepalive_interval),
+            grpc_keepalive_timeout=_seconds("grpc-keepalive-timeout", args.grpc_keepalive_timeout),
+            auth_token=_auth_token(args.auth_token),
+            auth_token_ttl=_uint("auth-token-ttl", args.auth_token_ttl),
+            bcrypt_cost=bcrypt_cost,
+            warnings=tuple(warnings),
         )
 
 
 def parse_listen_url(url: str) -> Listener:
     parts = urllib.parse.urlsplit(url)
-    if parts.scheme != "http":
-        raise ConfigError(f"listen URL {url!r}: only http:// is supported (mvcckv has no TLS)")
+    if parts.scheme not in ("http", "https"):
+        raise ConfigError(f"listen URL {url!r}: only http:// and https:// are supported")
     if parts.path not in ("", "/"):
         raise ConfigError(f"listen URL {url!r} must not contain a path")
     try:
@@ -181,7 +279,7 @@ def parse_listen_url(url: str) -> Listener:
             # etcd's rule: binding by name is ambiguous, so only IPs (and
             # localhost) are accepted.
             raise ConfigError(f"expected IP in URL for binding ({url})") from None
-    return Listener(url=url, host=host, port=port)
+    return Listener(url=url, host=host, port=port, scheme=parts.scheme)
 
 
 def _split(value: str) -> list[str]:
@@ -208,6 +306,66 @@ def _int(flag: str, value: str) -> int:
         raise ConfigError(f"--{flag}: not an integer: {value!r}") from None
 
 
+def _uint(flag: str, value: str, limit: int | None = None) -> int:
+    """A Go ``uint`` (or ``uint32``) flag: a non-negative decimal integer."""
+    if not re.fullmatch(r"[0-9]+", value.strip()):
+        raise ConfigError(f"--{flag}: not a non-negative integer: {value!r}")
+    number = int(value)
+    if limit is not None and number > limit:
+        raise ConfigError(f"--{flag}: {value} is out of range (at most {limit})")
+    return number
+
+
+def _bool(flag: str, value: str) -> bool:
+    """Go's ``strconv.ParseBool``, which etcd's boolean flags use."""
+    if value in ("1", "t", "T", "TRUE", "true", "True"):
+        return True
+    if value in ("0", "f", "F", "FALSE", "false", "False"):
+        return False
+    raise ConfigError(f"--{flag}: not a boolean: {value!r}")
+
+
+def _seconds(flag: str, value: str) -> float:
+    try:
+        ns = compactor.parse_duration(value.strip())
+    except ValueError:
+        raise ConfigError(f"--{flag}: not a duration (such as 5s or 2h0m0s): {value!r}") from None
+    return ns / compactor.SECOND
+
+
+def _auth_token(value: str) -> str:
+    # Only the type is checked here; the options are the token provider's.
+    # An empty value is etcd's no-token setting.
+    kind = value.split(",", 1)[0]
+    if kind and kind not in AUTH_TOKEN_TYPES:
+        raise ConfigError(f"--auth-token {value!r}: auth: invalid auth options "
+                          f"(the token type must be {' or '.join(AUTH_TOKEN_TYPES)})")
+    return value
+
+
+def _tls_flags(args: argparse.Namespace, listeners: tuple[Listener, ...]) -> dict:
+    """The TLS fields, with etcd's checks of how they combine with the
+    listen URLs (the files themselves are read at startup, by
+    :mod:`mvcckv.server.tls`)."""
+    cert, key = args.cert_file or None, args.key_file or None
+    trusted = args.trusted_ca_file or None
+    client_cert_auth = _bool("client-cert-auth", args.client_cert_auth)
+    auto_tls = _bool("auto-tls", args.auto_tls)
+    secure = [lst.url for lst in listeners if lst.secure]
+    if secure:
+        if not (cert or key or auto_tls):
+            raise ConfigError(f"TLS key/cert (--cert-file, --key-file) must be provided for client url "
+                              f"{secure[0]} with HTTPS scheme")
+        if (cert is None) != (key is None):
+            raise ConfigError(f"--cert-file and --key-file must both be given (cert: {cert or '<none>'}, "
+                              f"key: {key or '<none>'})")
+        if client_cert_auth and trusted is None:
+            raise ConfigError("--client-cert-auth needs --trusted-ca-file: the CA that signs the client "
+                              "certificates")
+    return dict(cert_file=cert, key_file=key, trusted_ca_file=trusted,
+                client_cert_auth=client_cert_auth, auto_tls=auto_tls)
+
+
 def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "serve",
@@ -227,11 +385,13 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     for flag, default, text in _FLAGS:
         env = env_name(flag)
         shown = "" if default is None else " (default: %(default)s)"
+        kind = (dict(nargs="?", const="true", metavar="BOOL") if flag in _BOOL_FLAGS
+                else dict(metavar=flag.split("-")[-1].upper()))
         parser.add_argument(
             f"--{flag}",
             default=os.environ.get(env, default),
-            metavar=flag.split("-")[-1].upper(),
             help=f"{text}{shown} [env {env}]",
+            **kind,
         )
     parser.set_defaults(func=run)
     return parser

@@ -5,6 +5,10 @@ page cache without waiting on a write); writes are proposed to the store's
 writer thread and awaited, so the loop never waits for an fsync.  A Txn
 without writes is a read.  The engine fills ``header.revision`` (and the
 inner headers of a txn); we add the identity to the top-level header.
+
+With auth on, the guard checks each request first (``guard.py``): a read
+is withdrawn if the auth store changed while it ran, a write carries the
+auth revision it was checked at into the log.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import asyncio
 
 from mvcckv.pb import rpc_pb2_grpc
+from mvcckv.server.guard import Guard
 from mvcckv.server.node import Node
 from mvcckv.server.rpctypes import rpc
 from mvcckv.store import KIND_COMPACT, KIND_DELETE_RANGE, KIND_PUT, KIND_TXN
@@ -19,44 +24,53 @@ from mvcckv.validate import txn_is_read_only
 
 
 class KVServicer(rpc_pb2_grpc.KVServicer):
-    def __init__(self, node: Node):
+    def __init__(self, node: Node, guard: Guard):
         self._node = node
         self._store = node.store
+        self._guard = guard
         # An engine whose reads go over the network (PostgreSQL) must not
         # hold the event loop while they do.
         self._offload_reads = getattr(node.store, "reads_may_block", False)
 
-    async def _read(self, fn, request):
+    async def _read(self, fn, request, checked: int):
         if self._offload_reads:
             resp = await asyncio.to_thread(fn, request)
         else:
             resp = fn(request)
+        if checked:
+            self._guard.settled(checked)
         self._node.fill(resp.header)
         return resp
 
-    async def _write(self, kind: int, request):
-        resp = await asyncio.wrap_future(self._store.propose(kind, request))
+    async def _write(self, kind: int, request, checked: int = 0):
+        if checked:
+            fut = self._store.propose(kind, request, auth_revision=checked)
+        else:
+            fut = self._store.propose(kind, request)
+        resp = await asyncio.wrap_future(fut)
         self._node.fill(resp.header)
         return resp
 
     @rpc
     async def Range(self, request, context):
-        return await self._read(self._store.range_request, request)
+        return await self._read(self._store.range_request, request, self._guard.range(context, request))
 
     @rpc
     async def Put(self, request, context):
-        return await self._write(KIND_PUT, request)
+        return await self._write(KIND_PUT, request, self._guard.put(context, request))
 
     @rpc
     async def DeleteRange(self, request, context):
-        return await self._write(KIND_DELETE_RANGE, request)
+        return await self._write(KIND_DELETE_RANGE, request, self._guard.delete_range(context, request))
 
     @rpc
     async def Txn(self, request, context):
         if txn_is_read_only(request):
-            return await self._read(self._store.txn_request, request)
-        return await self._write(KIND_TXN, request)
+            return await self._read(self._store.txn_request, request, self._guard.read_txn(context, request))
+        return await self._write(KIND_TXN, request, self._guard.txn(context, request))
 
     @rpc
     async def Compact(self, request, context):
+        # Root only, as etcd 3.6.9 and later (3.4 let anyone compact).
+        self._guard.admin(context)
         return await self._write(KIND_COMPACT, request)

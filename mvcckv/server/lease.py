@@ -20,32 +20,43 @@ import asyncio
 
 from mvcckv.pb import rpc_pb2 as pb
 from mvcckv.pb import rpc_pb2_grpc
+from mvcckv.server.guard import Guard
 from mvcckv.server.node import Node
 from mvcckv.server.rpctypes import rpc
 from mvcckv.store import KIND_LEASE_GRANT, KIND_LEASE_REVOKE
 
 
 class LeaseServicer(rpc_pb2_grpc.LeaseServicer):
-    def __init__(self, node: Node):
+    def __init__(self, node: Node, guard: Guard):
         self._node = node
         self._store = node.store
+        self._guard = guard
 
-    async def _write(self, kind: int, request):
-        resp = await asyncio.wrap_future(self._store.propose(kind, request))
+    async def _write(self, kind: int, request, checked: int = 0):
+        if checked:
+            fut = self._store.propose(kind, request, auth_revision=checked)
+        else:
+            fut = self._store.propose(kind, request)
+        resp = await asyncio.wrap_future(fut)
         self._node.fill(resp.header)
         return resp
 
     @rpc
     async def LeaseGrant(self, request, context):
+        self._guard.require(context)
         return await self._write(KIND_LEASE_GRANT, self._store.new_lease_request(request.TTL, request.ID))
 
     @rpc
     async def LeaseRevoke(self, request, context):
-        return await self._write(KIND_LEASE_REVOKE, pb.LeaseRevokeRequest(ID=request.ID))
+        checked = self._guard.lease_write(context, request.ID)
+        return await self._write(KIND_LEASE_REVOKE, pb.LeaseRevokeRequest(ID=request.ID), checked)
 
     @rpc
     async def LeaseKeepAlive(self, request_iterator, context):
+        guard = self._guard
         async for req in request_iterator:
+            if guard.enabled:
+                guard.settled(guard.lease_write(context, req.ID))
             resp = pb.LeaseKeepAliveResponse(ID=req.ID)
             self._node.fill(resp.header)
             resp.TTL = self._store.lease_keepalive(req.ID)
@@ -53,12 +64,21 @@ class LeaseServicer(rpc_pb2_grpc.LeaseServicer):
 
     @rpc
     async def LeaseTimeToLive(self, request, context):
+        # Any user may see a lease's TTL; its keys need READ on each.
+        if request.keys:
+            checked = self._guard.lease_read(context, (request.ID,))
+        else:
+            checked = self._guard.require(context)
         resp = self._store.lease_ttl(request.ID, request.keys)
+        if request.keys:
+            self._guard.settled(checked)
         self._node.fill(resp.header)
         return resp
 
     @rpc
     async def LeaseLeases(self, request, context):
         resp = self._store.leases()
+        if self._guard.enabled:
+            self._guard.settled(self._guard.lease_read(context, [lease.ID for lease in resp.leases]))
         self._node.fill(resp.header)
         return resp

@@ -16,6 +16,7 @@ from mvcckv import errors
 from mvcckv.pb import rpc_pb2 as pb
 from mvcckv.pb import rpc_pb2_grpc
 from mvcckv.server import rpctypes
+from mvcckv.server.guard import Guard
 from mvcckv.server.node import RAFT_TERM, Node
 from mvcckv.server.rpctypes import rpc
 from mvcckv.store import DEFAULT_QUOTA, KIND_ALARM
@@ -37,12 +38,17 @@ def alarm_text(member_id: int, alarm: int) -> str:
 
 
 class MaintenanceServicer(rpc_pb2_grpc.MaintenanceServicer):
-    def __init__(self, node: Node):
+    def __init__(self, node: Node, guard: Guard):
         self._node = node
         self._store = node.store
+        self._guard = guard
 
     @rpc
     async def Alarm(self, request, context):
+        if request.action == pb.AlarmRequest.GET:
+            self._guard.require(context)
+        else:
+            self._guard.admin(context)
         if request.action == pb.AlarmRequest.GET:
             # Answered from memory: a read needs no log record.
             resp = pb.AlarmResponse()
@@ -56,6 +62,7 @@ class MaintenanceServicer(rpc_pb2_grpc.MaintenanceServicer):
 
     @rpc
     async def Status(self, request, context):
+        self._guard.require(context)
         node = self._node
         st = self._store.status()
         resp = pb.StatusResponse(
@@ -78,6 +85,7 @@ class MaintenanceServicer(rpc_pb2_grpc.MaintenanceServicer):
 
     @rpc
     async def Defragment(self, request, context):
+        self._guard.admin(context)
         log.info("starting defragment")
         before, after = await asyncio.to_thread(self._store.defrag)
         log.info("finished defragment: %d -> %d bytes", before, after)
@@ -85,6 +93,7 @@ class MaintenanceServicer(rpc_pb2_grpc.MaintenanceServicer):
 
     @rpc
     async def Hash(self, request, context):
+        self._guard.admin(context)
         h, rev = await asyncio.to_thread(self._store.hash)
         resp = pb.HashResponse(hash=h)
         resp.header.revision = rev
@@ -93,6 +102,7 @@ class MaintenanceServicer(rpc_pb2_grpc.MaintenanceServicer):
 
     @rpc
     async def HashKV(self, request, context):
+        self._guard.admin(context)
         h, current = await asyncio.to_thread(self._store.hash_kv, request.revision)
         resp = pb.HashKVResponse(hash=h.hash, compact_revision=h.compact_revision, hash_revision=h.revision)
         resp.header.revision = current
@@ -101,6 +111,7 @@ class MaintenanceServicer(rpc_pb2_grpc.MaintenanceServicer):
 
     @rpc
     async def Snapshot(self, request, context):
+        self._guard.admin(context)
         from mvcckv.snapshot import iter_snapshot
 
         version = self._node.storage_version
@@ -131,6 +142,7 @@ class MaintenanceServicer(rpc_pb2_grpc.MaintenanceServicer):
 
     @rpc
     async def MoveLeader(self, request, context):
+        self._guard.admin(context)
         if request.targetID != self._node.member_id:
             raise errors.BadLeaderTransfereeError()
         # Already the leader: nothing to transfer.  etcd answers this
@@ -139,6 +151,7 @@ class MaintenanceServicer(rpc_pb2_grpc.MaintenanceServicer):
 
     @rpc
     async def Downgrade(self, request, context):
+        self._guard.admin(context)
         action = request.action
         if action == pb.DowngradeRequest.CANCEL:
             # etcd 3.6 answers a cancel with no downgrade in progress with

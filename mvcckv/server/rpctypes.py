@@ -142,6 +142,14 @@ def status_code(err: errors.MvccError) -> grpc.StatusCode:
     return Code.UNKNOWN
 
 
+def go_status_text(err: errors.MvccError) -> str:
+    """The error as a Go client prints a gRPC status: where etcd hands an
+    error over as text rather than as a status (a refused watch's
+    ``cancel_reason``), that text is what it sends."""
+    name = "".join(part.capitalize() for part in status_code(err).name.split("_"))
+    return f"rpc error: code = {name} desc = {err}"
+
+
 def rpc(method):
     """Decorate a servicer coroutine so that every error becomes a status.
 

@@ -35,7 +35,9 @@ import threading
 from mvcckv import errors
 from mvcckv.pb import rpc_pb2 as pb
 from mvcckv.pb import rpc_pb2_grpc
+from mvcckv.server.guard import Guard
 from mvcckv.server.node import RAFT_TERM, Node
+from mvcckv.server import rpctypes
 from mvcckv.server.rpctypes import rpc
 from mvcckv.watch import BufferedStream, Watcher, WatchRangeError, normalize_range
 
@@ -103,16 +105,26 @@ def _varint_len(n: int) -> int:
     return max(1, (n.bit_length() + 6) // 7)
 
 
+def _auth_cancel_reason(err: errors.MvccError) -> str:
+    """etcd refuses a watch it may not serve with a cancel, not an RPC
+    error, and names only these four reasons, each as the Go client's text
+    of its gRPC status."""
+    if not isinstance(err, (errors.InvalidAuthTokenError, errors.AuthOldRevisionError, errors.UserEmptyError)):
+        err = errors.PermissionDeniedError()
+    return rpctypes.go_status_text(err)
+
+
 class WatchServicer(rpc_pb2_grpc.WatchServicer):
-    def __init__(self, node: Node, fragment_bytes: int):
+    def __init__(self, node: Node, fragment_bytes: int, guard: Guard):
         """``fragment_bytes``: etcd's max-request-bytes + 512 KiB, the size
         from which responses of ``fragment`` watchers are split."""
         self._node = node
         self._fragment_bytes = fragment_bytes
+        self._guard = guard
 
     @rpc
     async def Watch(self, request_iterator, context):
-        stream = _WatchStream(self._node, self._fragment_bytes, asyncio.get_running_loop())
+        stream = _WatchStream(self._node, self._fragment_bytes, asyncio.get_running_loop(), self._guard, context)
         sender = asyncio.create_task(stream.send_loop(context.write), name="mvcckv-watch-send")
         try:
             async for req in request_iterator:
@@ -132,8 +144,10 @@ class _WatchStream:
     """The watchers of one gRPC stream and their IDs (etcd's
     serverWatchStream and mvcc.watchStream in one)."""
 
-    def __init__(self, node: Node, fragment_bytes: int, loop: asyncio.AbstractEventLoop):
+    def __init__(self, node: Node, fragment_bytes: int, loop: asyncio.AbstractEventLoop, guard: Guard, context):
         self._node = node
+        self._guard = guard
+        self._context = context
         self._store = node.store
         self._hub = node.store.watch_hub
         self._fragment_bytes = fragment_bytes
@@ -164,6 +178,12 @@ class _WatchStream:
         if creq.start_revision < 0:
             self._refuse(COMPACTED)
             return
+        if self._guard.enabled:
+            try:
+                self._guard.watch(self._context, key, creq.range_end)
+            except errors.MvccError as err:
+                self._refuse(_auth_cancel_reason(err))
+                return
         try:
             normalize_range(key, creq.range_end)
         except WatchRangeError as err:
