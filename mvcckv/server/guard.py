@@ -97,7 +97,7 @@ class Guard:
             return info
         if self._cert_auth:
             name = tls.common_name(context)
-            if name:
+            if name is not None:
                 return AuthInfo(name, auth.revision)
         return None
 

@@ -25,6 +25,7 @@ import functools
 import logging
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from mvcckv import errors
 
@@ -164,6 +165,9 @@ def rpc(method):
             await context.abort(status_code(err), str(err))
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
+        except DecodeError as err:
+            # A streamed message that does not parse: grpc-go's answer.
+            await context.abort(Code.INTERNAL, f"grpc: failed to unmarshal the received message: {err}")
         except Exception as err:  # noqa: BLE001 - answer INTERNAL, keep serving
             log.exception("%s failed", method.__qualname__)
             await context.abort(Code.INTERNAL, f"mvcckv: internal error: {type(err).__name__}: {err}")
