@@ -294,12 +294,19 @@ def split_concurrency(concurrency: int, connections: int) -> tuple[int, int]:
 
 def h2load_argv(url: str, data_path: str, clients: int, streams: int, *,
                 duration: float | None = None, requests: int | None = None,
-                log_path: str | None = None, h2load: str = "h2load") -> list[str]:
-    """The h2load command for one run: one thread, gRPC headers, POST of the frame."""
+                log_path: str | None = None, h2load: str = "h2load",
+                headers: Sequence[str] = ()) -> list[str]:
+    """The h2load command for one run: one thread, gRPC headers, POST of the frame.
+
+    ``headers`` are extra ``name: value`` request headers (gRPC metadata such
+    as ``token: <t>``), sent with every request.
+    """
     argv = [h2load, "-t", "1", "-c", str(clients), "-m", str(streams),
             "-d", data_path,
             "-H", "content-type: application/grpc",
             "-H", "te: trailers"]
+    for header in headers:
+        argv += ["-H", header]
     if duration is not None:
         argv += ["-D", f"{max(1, round(duration * 1000))}ms"]
     else:
@@ -457,21 +464,50 @@ def free_port() -> int:
 
 
 def target_address(url: str) -> str:
-    """'http://127.0.0.1:2379' -> '127.0.0.1:2379'."""
+    """'http://127.0.0.1:2379' (or https://) -> '127.0.0.1:2379'."""
     u = urllib.parse.urlsplit(url if "//" in url else "http://" + url)
-    if u.scheme not in ("http", ""):
-        raise ValueError("only plaintext http:// targets are supported")
+    if u.scheme not in ("http", "https", ""):
+        raise ValueError("only http:// and https:// targets are supported")
     return f"{u.hostname}:{u.port or 2379}"
 
 
-def _wait_ready(address: str, proc: subprocess.Popen | None, timeout: float) -> None:
+def is_tls(url: str) -> bool:
+    return url.startswith("https://")
+
+
+def header_metadata(headers: Sequence[str]) -> tuple[tuple[str, str], ...]:
+    """'name: value' request headers as gRPC metadata: (('name', 'value'), ...).
+
+    gRPC metadata keys are lower case; so are HTTP/2 header names.
+    """
+    out = []
+    for header in headers:
+        name, sep, value = header.partition(":")
+        if not sep or not name.strip():
+            raise ValueError(f"not a 'name: value' header: {header!r}")
+        out.append((name.strip().lower(), value.strip()))
+    return tuple(out)
+
+
+def open_channel(address: str, credentials=None):
+    """A plaintext channel, or a TLS one with ``credentials``
+    (``grpc.ssl_channel_credentials``)."""
+    import grpc
+
+    if credentials is None:
+        return grpc.insecure_channel(address)
+    return grpc.secure_channel(address, credentials)
+
+
+def _wait_ready(address: str, proc: subprocess.Popen | None, timeout: float,
+                credentials=None) -> None:
     import grpc
 
     deadline = time.monotonic() + timeout
     while True:
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"server exited with status {proc.returncode} before serving")
-        with grpc.insecure_channel(address) as ch:
+        with open_channel(address, credentials) as ch:
             try:
                 grpc.channel_ready_future(ch).result(timeout=0.5)
                 return
@@ -583,36 +619,40 @@ def stop_process(proc: subprocess.Popen, grace: float = 5.0) -> None:
 # gRPC-level setup and check (Python client; not on the measured path)
 
 
-def grpc_unary(address: str, path: str, message: bytes, timeout: float = 10.0, channel=None) -> bytes:
-    """One raw unary call: bytes in, bytes out; raises grpc.RpcError on a non-OK status."""
-    import grpc
+def grpc_unary(address: str, path: str, message: bytes, timeout: float = 10.0, channel=None, *,
+               metadata: Sequence[tuple[str, str]] = (), credentials=None) -> bytes:
+    """One raw unary call: bytes in, bytes out; raises grpc.RpcError on a non-OK status.
 
+    ``metadata`` is sent with the call (e.g. ``(("token", t),)``); ``credentials``
+    makes the channel TLS when none is given.
+    """
     if channel is None:
-        with grpc.insecure_channel(address) as ch:
-            return grpc_unary(address, path, message, timeout, ch)
+        with open_channel(address, credentials) as ch:
+            return grpc_unary(address, path, message, timeout, ch, metadata=metadata)
     call = channel.unary_unary(path, request_serializer=None, response_deserializer=None)
-    return call(message, timeout=timeout)
+    return call(message, timeout=timeout, metadata=tuple(metadata) or None)
 
 
-def setup_workload(address: str, wl: Workload) -> None:
+def setup_workload(address: str, wl: Workload, *, metadata: Sequence[tuple[str, str]] = (),
+                   credentials=None) -> None:
     """Puts the keys a read workload needs."""
     if not wl.setup:
         return
-    import grpc
-
-    with grpc.insecure_channel(address) as ch:
+    with open_channel(address, credentials) as ch:
         for key, value in wl.setup:
-            grpc_unary(address, KV_SERVICE + "Put", put_request(key, value), channel=ch)
+            grpc_unary(address, KV_SERVICE + "Put", put_request(key, value), channel=ch,
+                       metadata=metadata)
 
 
-def check_workload(address: str, wl: Workload) -> dict:
+def check_workload(address: str, wl: Workload, *, metadata: Sequence[tuple[str, str]] = (),
+                   credentials=None) -> dict:
     """Sends the workload's exact message once; grpc-status must be 0.
 
     Returns the response summary plus ``frame_bytes`` (the size of one answer's
     gRPC DATA payload, used to spot answers without a body during the run) and
     ``content_ok`` (kv count as a real store would answer; None when not checked).
     """
-    body = grpc_unary(address, wl.path, wl.message)
+    body = grpc_unary(address, wl.path, wl.message, metadata=metadata, credentials=credentials)
     info = summarize_response(wl.method, body)
     info["frame_bytes"] = len(body) + 5
     info["content_ok"] = None if wl.expect_kvs is None else info.get("kvs") == wl.expect_kvs
@@ -678,8 +718,10 @@ def _children_cpu() -> float:
 def run_h2load(url: str, wl: Workload, concurrency: int, connections: int, workdir: str, *,
                duration: float | None, requests: int | None, server_pid: int | None,
                server_name: str = "target", h2load: str = "h2load",
-               timeout: float | None = None, server_cpus: set[int] | None = None) -> RunResult:
-    """One bounded h2load run; returns its numbers."""
+               timeout: float | None = None, server_cpus: set[int] | None = None,
+               headers: Sequence[str] = ()) -> RunResult:
+    """One bounded h2load run; returns its numbers.  ``headers``: extra request
+    headers (``name: value``), e.g. an auth token."""
     clients, streams = split_concurrency(concurrency, connections)
     data_path = os.path.join(workdir, f"{wl.name}.frame")
     if not os.path.exists(data_path):
@@ -689,7 +731,8 @@ def run_h2load(url: str, wl: Workload, concurrency: int, connections: int, workd
     with contextlib.suppress(FileNotFoundError):
         os.unlink(log_path)
     argv = h2load_argv(url.rstrip("/") + wl.path, data_path, clients, streams,
-                       duration=duration, requests=requests, log_path=log_path, h2load=h2load)
+                       duration=duration, requests=requests, log_path=log_path, h2load=h2load,
+                       headers=headers)
     if timeout is None:
         timeout = (duration + 30.0) if duration is not None else 120.0
 
@@ -826,6 +869,21 @@ class Endpoint:
     name: str
     url: str
     pid: int | None
+    headers: tuple[str, ...] = ()       # extra request headers, "name: value" (gRPC metadata)
+    root_cert: bytes | None = None      # PEM the Python checks trust for an https:// url
+
+    @property
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        return header_metadata(self.headers)
+
+    def credentials(self):
+        """TLS channel credentials for the Python checks (None for http://).
+        h2load does not verify certificates; the checks do."""
+        if not is_tls(self.url):
+            return None
+        import grpc
+
+        return grpc.ssl_channel_credentials(root_certificates=self.root_cert)
 
 
 def benchmark(endpoints: list[Endpoint], names: list[str], levels: list[int], *,
@@ -844,11 +902,12 @@ def benchmark(endpoints: list[Endpoint], names: list[str], levels: list[int], *,
     checks: dict[tuple[str, str], dict] = {}
     for ep in endpoints:
         addr = target_address(ep.url)
+        creds = ep.credentials()
         for name in names:
             wl = wls[name]
             try:
-                setup_workload(addr, wl)
-                info = check_workload(addr, wl)
+                setup_workload(addr, wl, metadata=ep.metadata, credentials=creds)
+                info = check_workload(addr, wl, metadata=ep.metadata, credentials=creds)
             except grpc.RpcError as e:
                 raise RuntimeError(f"{ep.name} {name}: the request fails before any load: "
                                    f"{e.code().name}: {e.details()}") from None
@@ -867,14 +926,15 @@ def benchmark(endpoints: list[Endpoint], names: list[str], levels: list[int], *,
             if warmup > 0:
                 for ep in endpoints:
                     run_h2load(ep.url, wl, level, connections, workdir, duration=warmup,
-                               requests=None, server_pid=None, server_name=ep.name, h2load=h2load)
+                               requests=None, server_pid=None, server_name=ep.name, h2load=h2load,
+                               headers=ep.headers)
             per_ep: dict[str, list[RunResult]] = {ep.name: [] for ep in endpoints}
             for i in range(runs):
                 for ep in endpoints:
                     for attempt in range(retries + 1):
                         r = run_h2load(ep.url, wl, level, connections, workdir, duration=duration,
                                        requests=requests, server_pid=ep.pid, server_name=ep.name,
-                                       h2load=h2load, server_cpus=server_cpus)
+                                       h2load=h2load, server_cpus=server_cpus, headers=ep.headers)
                         if (retry_noisy is None or r.noise_pct is None
                                 or r.noise_pct <= retry_noisy or attempt == retries):
                             break
@@ -894,7 +954,8 @@ def benchmark(endpoints: list[Endpoint], names: list[str], levels: list[int], *,
         # The same request once more: a server that broke under the load shows it here.
         for ep in endpoints:
             try:
-                check_workload(target_address(ep.url), wl)
+                check_workload(target_address(ep.url), wl, metadata=ep.metadata,
+                               credentials=ep.credentials())
             except grpc.RpcError as e:
                 msg = (f"after this workload's runs the request fails: "
                        f"{e.code().name}: {e.details()}")
@@ -931,6 +992,11 @@ def main(argv: list[str] | None = None) -> int:
         description="h2load-driven benchmark of etcd's KV gRPC API (see bench/README.md)")
     p.add_argument("--target", help="server under test, e.g. http://127.0.0.1:2379")
     p.add_argument("--server-pid", type=int, help="its pid: pin it to the server core, report CPU")
+    p.add_argument("--header", action="append", default=[], metavar="'NAME: VALUE'",
+                   help="extra request header sent to --target (gRPC metadata, e.g. 'token: <t>'); "
+                        "repeatable")
+    p.add_argument("--cacert", help="PEM certificate the gRPC checks trust for an https:// --target "
+                                    "(h2load does not verify certificates)")
     p.add_argument("--workload", default="all",
                    type=lambda s: _parse_list(s, WORKLOAD_NAMES),
                    help=f"comma list of {', '.join(WORKLOAD_NAMES)}, or 'all' (the default)")
@@ -965,6 +1031,14 @@ def main(argv: list[str] | None = None) -> int:
         p.error("give --target, --reference, or both")
     if args.requests is not None:
         args.duration = None
+    try:
+        header_metadata(args.header)
+    except ValueError as e:
+        p.error(str(e))
+    root_cert = None
+    if args.cacert:
+        with open(args.cacert, "rb") as f:
+            root_cert = f.read()
     if not shutil.which(args.h2load):
         p.error(f"h2load not found ({args.h2load}); install the nghttp2-client package")
 
@@ -993,7 +1067,8 @@ def main(argv: list[str] | None = None) -> int:
         workdir = stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-h2load-", dir=args.tmp_dir))
         endpoints: list[Endpoint] = []
         if args.target:
-            endpoints.append(Endpoint("target", args.target, args.server_pid))
+            endpoints.append(Endpoint("target", args.target, args.server_pid,
+                                      tuple(args.header), root_cert))
         for kind in args.reference or ():
             srv = stack.enter_context(reference_server(
                 kind, server_cpus, args.tmp_dir, args.etcd, args.noop_workers))

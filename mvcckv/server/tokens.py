@@ -179,13 +179,27 @@ _TOKEN_PREFIX_LENGTH = 16
 _SWEEP_MIN = 1024
 
 
+class _Entry:
+    """One live simple token: its user, its deadline (pushed out on every
+    use, in place), and the identity last returned for it, handed out again
+    while the auth revision stays the same (AuthInfo is immutable)."""
+
+    __slots__ = ("username", "deadline", "info")
+
+    def __init__(self, username: str, deadline: float):
+        self.username = username
+        self.deadline = deadline
+        self.info: AuthInfo | None = None
+
+
 class SimpleTokenProvider:
     """etcd's simple tokens (see the module docstring).
 
     Tokens are issued on worker threads and looked up on the event loop, so
     the table is guarded by a lock; a lookup is one dict probe and one
-    clock read.  Expiry needs no timer: a token is checked for expiry when
-    it is shown, and the table is swept as it grows (``_SWEEP_MIN``).
+    clock read, and allocates nothing unless the auth revision moved.
+    Expiry needs no timer: a token is checked for expiry when it is shown,
+    and the table is swept as it grows (``_SWEEP_MIN``).
 
     >>> now = [0.0]
     >>> tokens = SimpleTokenProvider(ttl_seconds=10, clock=lambda: now[0])
@@ -203,7 +217,7 @@ class SimpleTokenProvider:
         self.ttl = ttl_seconds if ttl_seconds > 0 else SIMPLE_TOKEN_TTL
         self._clock = clock
         self._lock = threading.Lock()
-        self._tokens: dict[str, tuple[str, float]] = {}  # token -> (username, deadline)
+        self._tokens: dict[str, _Entry] = {}
         self._enabled = False
         self._index = 0
         self._sweep_at = _SWEEP_MIN
@@ -221,7 +235,7 @@ class SimpleTokenProvider:
             self._index += 1
             token = f"{prefix}.{self._index}"
             if self._enabled:
-                self._tokens[token] = (username, now + self.ttl)
+                self._tokens[token] = _Entry(username, now + self.ttl)
                 if len(self._tokens) >= self._sweep_at:
                     self._sweep(now)
         return token
@@ -232,16 +246,18 @@ class SimpleTokenProvider:
             entry = self._tokens.get(token)
             if entry is None:
                 return None
-            username, deadline = entry
-            if now > deadline:
+            if now > entry.deadline:
                 del self._tokens[token]
                 return None
-            self._tokens[token] = (username, now + self.ttl)
-        return AuthInfo(username, revision)
+            entry.deadline = now + self.ttl
+            info = entry.info
+            if info is None or info.revision != revision:
+                info = entry.info = AuthInfo(entry.username, revision)
+        return info
 
     def invalidate_user(self, username: str) -> None:
         with self._lock:
-            self._tokens = {t: e for t, e in self._tokens.items() if e[0] != username}
+            self._tokens = {t: e for t, e in self._tokens.items() if e.username != username}
 
     def enable(self) -> None:
         with self._lock:
@@ -257,7 +273,7 @@ class SimpleTokenProvider:
         self.disable()
 
     def _sweep(self, now: float) -> None:
-        self._tokens = {t: e for t, e in self._tokens.items() if e[1] >= now}
+        self._tokens = {t: e for t, e in self._tokens.items() if e.deadline >= now}
         self._sweep_at = max(_SWEEP_MIN, 2 * len(self._tokens))
 
 
