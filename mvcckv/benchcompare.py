@@ -21,7 +21,18 @@ path segment and fails on keys without one.
 Measured per (workload, concurrency): QPS, p99 latency, and server CPU
 seconds per 1,000 operations (``/proc`` of the server processes: mvcckv,
 etcd, and every PostgreSQL process, exited backends included via the
-postmaster's reaped-children time; mvcckv on PostgreSQL counts both).
+postmaster's reaped-children time).  mvcckv on PostgreSQL counts both, and
+the table also shows the two parts: the gRPC server process (mvcckv or
+etcd) and the PostgreSQL processes.
+
+Watch latency: one client watches ``/bench/watch``, then puts a 256-byte
+value to it and times from sending the put to receiving the event, one put
+at a time, ``--watch-samples`` times per run (p50 and p99).  The gRPC
+engines are watched with the Watch RPC (a Python gRPC client); the
+article's design with ``LISTEN bench`` on one connection and ``SELECT
+set(...)`` on another (psycopg), the event being the trigger's
+``pg_notify``.
+
 WAL bytes per update: PostgreSQL's ``pg_current_wal_lsn()`` delta, the
 growth of ``<data-dir>/wal`` (mvcckv LMDB) or of the used part of
 ``<data-dir>/member/wal`` (etcd preallocates its segments, so trailing
@@ -43,6 +54,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import json
 import math
 import os
 import re
@@ -66,6 +78,11 @@ TITLES = {
 }
 PUT_KEY = "/bench/put"
 GET_KEY = "/bench/get"
+WATCH_KEY = "/bench/watch"
+# The article's trigger notifies on the key's first path segment.
+WATCH_CHANNEL = "bench"
+# Seconds a watch sample may take before the engine is reported as failed.
+WATCH_TIMEOUT = 10.0
 
 # The throwaway PostgreSQL: the test harness's settings, but durable.
 PG_SETTINGS = (
@@ -100,6 +117,8 @@ def add_parser(subparsers) -> None:
                    help="HTTP/2 connections for the gRPC engines (default 4; capped at the concurrency)")
     p.add_argument("--get", choices=("serializable", "linearizable"), default="serializable",
                    help="gRPC get flavour (default serializable: a local read, like get1)")
+    p.add_argument("--watch-samples", type=int, default=300,
+                   help="put -> watch event round trips per run (default 300; 0: no watch rows)")
     p.add_argument("--pg-dsn", help="an existing PostgreSQL instead of a throwaway one "
                    "(its server CPU is then not measured)")
     p.add_argument("--chart", default="compare.png", help="PNG path ('' for none; needs matplotlib)")
@@ -118,15 +137,29 @@ class Cell:
     p99_ms: float = math.nan
     ops: int = 0
     failed: int = 0
-    cpu_s: float | None = None
+    cpu_s: float | None = None       # all the server side: cpu_own_s + cpu_pg_s
     wal_bytes: int | None = None
     noise_pct: float | None = None   # other processes' CPU on the server core, % of the run
+    p50_ms: float = math.nan
+    cpu_own_s: float | None = None   # the gRPC server process (mvcckv or etcd)
+    cpu_pg_s: float | None = None    # the PostgreSQL cluster's processes
+
+    def _per_kop(self, seconds: float | None) -> float | None:
+        if seconds is None or not self.ops:
+            return None
+        return seconds / self.ops * 1000.0
 
     @property
     def cpu_per_kop(self) -> float | None:
-        if self.cpu_s is None or not self.ops:
-            return None
-        return self.cpu_s / self.ops * 1000.0
+        return self._per_kop(self.cpu_s)
+
+    @property
+    def own_cpu_per_kop(self) -> float | None:
+        return self._per_kop(self.cpu_own_s)
+
+    @property
+    def pg_cpu_per_kop(self) -> float | None:
+        return self._per_kop(self.cpu_pg_s)
 
 
 @dataclass
@@ -146,14 +179,18 @@ def _median(values):
 
 
 def merge_runs(runs: list[Cell]) -> Cell:
-    """Median QPS and p99; summed operations, failures, CPU and WAL."""
-    cpu = [r.cpu_s for r in runs]
-    wal = [r.wal_bytes for r in runs]
+    """Median QPS, p50 and p99; summed operations, failures, CPU and WAL."""
+
+    def total(attr: str):
+        vals = [getattr(r, attr) for r in runs]
+        return None if None in vals else sum(vals)
+
     return Cell(
         qps=_median([r.qps for r in runs]), p99_ms=_median([r.p99_ms for r in runs]),
+        p50_ms=_median([r.p50_ms for r in runs]),
         ops=sum(r.ops for r in runs), failed=sum(r.failed for r in runs),
-        cpu_s=None if None in cpu else sum(cpu),
-        wal_bytes=None if None in wal else sum(wal),
+        cpu_s=total("cpu_s"), cpu_own_s=total("cpu_own_s"), cpu_pg_s=total("cpu_pg_s"),
+        wal_bytes=total("wal_bytes"),
         noise_pct=_median([r.noise_pct for r in runs]),
     )
 
@@ -180,34 +217,43 @@ def dir_used_bytes(path: Path, strip_zeros: bool = False) -> int:
 
 
 class Probe:
-    """Server CPU and WAL position of one engine, read around each run."""
+    """Server CPU and WAL position of one engine, read around each run.
+
+    CPU comes in two parts: ``pids`` (the gRPC server process: mvcckv or
+    etcd, with descendants) and the PostgreSQL cluster of ``postmaster``.
+    """
 
     def __init__(self, gl, pids=(), postmaster: int | None = None, wal=None, cores=None):
         self.gl, self.pids, self.postmaster, self.wal = gl, list(pids), postmaster, wal
         self.cores = cores
 
     def start(self, measure_wal: bool) -> tuple:
+        # The WAL position first and the CPU after it: reading pg_current_wal_lsn()
+        # takes a backend of its own, whose CPU is not the engine's.
+        wal = self.wal() if self.wal and measure_wal else None
         core = self.gl.core_busy_seconds(self.cores) if self.cores else None
-        return (self.cpu(), self.wal() if self.wal and measure_wal else None, core, time.monotonic())
+        return (self.cpu_parts(), wal, core, time.monotonic())
 
     def stop(self, before: tuple) -> dict:
-        cpu0, wal0, core0, t0 = before
-        cpu1 = self.cpu()
-        wal1 = self.wal() if wal0 is not None else None
+        (own0, pg0), wal0, core0, t0 = before
+        own1, pg1 = self.cpu_parts()
         core1 = self.gl.core_busy_seconds(self.cores) if self.cores else None
-        cpu = None if cpu0 is None or cpu1 is None else cpu1 - cpu0
+        elapsed = time.monotonic() - t0
+        wal1 = self.wal() if wal0 is not None else None
+        own = None if own0 is None else own1 - own0
+        pg = None if pg0 is None else pg1 - pg0
+        cpu = None if own is None and pg is None else (own or 0.0) + (pg or 0.0)
         noise = None
         if core0 is not None and cpu is not None:
-            noise = 100.0 * max(0.0, (core1 - core0) - cpu) / (time.monotonic() - t0)
-        return dict(cpu_s=cpu, wal_bytes=None if wal0 is None else wal1 - wal0, noise_pct=noise)
+            noise = 100.0 * max(0.0, (core1 - core0) - cpu) / elapsed
+        return dict(cpu_s=cpu, cpu_own_s=own, cpu_pg_s=pg,
+                    wal_bytes=None if wal0 is None else wal1 - wal0, noise_pct=noise)
 
-    def cpu(self) -> float | None:
-        if not self.pids and self.postmaster is None:
-            return None
-        total = sum(self.gl.cpu_seconds(p) for p in self.pids)
-        if self.postmaster is not None:
-            total += pg_cpu_seconds(self.gl, self.postmaster)
-        return total
+    def cpu_parts(self) -> tuple[float | None, float | None]:
+        """(gRPC server process CPU, PostgreSQL CPU), None for a part not measured."""
+        own = sum(self.gl.cpu_seconds(p) for p in self.pids) if self.pids else None
+        pg = pg_cpu_seconds(self.gl, self.postmaster) if self.postmaster is not None else None
+        return own, pg
 
 
 # ---------------------------------------------------------------------------
@@ -277,6 +323,157 @@ def run_pgbench(gl, dsn: str, schema: str, workload: str, level: int, seconds: i
 
 
 # ---------------------------------------------------------------------------
+# watch latency: put -> event, one put at a time
+
+
+def _latency_cell(latencies: list[float], server: dict) -> Cell:
+    lat = sorted(latencies)
+    return Cell(p50_ms=_percentile(lat, 50), p99_ms=_percentile(lat, 99), ops=len(lat), **server)
+
+
+def _percentile(sorted_ms: list[float], p: float) -> float:
+    """Nearest rank, as grpc_load.percentile (no import needed for the tests)."""
+    if not sorted_ms:
+        return math.nan
+    rank = max(1, math.ceil(p / 100.0 * len(sorted_ms)))
+    return sorted_ms[min(len(sorted_ms), rank) - 1]
+
+
+def watch_grpc(address: str, value: bytes, samples: int, warmup: int, probe: Probe | None) -> Cell:
+    """Watch ``WATCH_KEY`` over one Watch RPC, then time put -> event ``samples`` times.
+
+    A reader thread stamps each response as it arrives, so an event that
+    comes before the put's own response is timed when it came.  Every put
+    must be seen as an event with the put's revision within WATCH_TIMEOUT.
+    """
+    import queue
+    import threading
+
+    import grpc
+
+    from mvcckv.pb import rpc_pb2 as pb
+    from mvcckv.pb import rpc_pb2_grpc
+
+    key = WATCH_KEY.encode()
+    arrivals: queue.Queue = queue.Queue()
+    done = threading.Event()
+
+    def requests():
+        yield pb.WatchRequest(create_request=pb.WatchCreateRequest(key=key))
+        done.wait(WATCH_TIMEOUT * (samples + warmup + 1))
+
+    with grpc.insecure_channel(address) as channel:
+        kv = rpc_pb2_grpc.KVStub(channel)
+        call = rpc_pb2_grpc.WatchStub(channel).Watch(requests(), timeout=WATCH_TIMEOUT * (samples + warmup + 1))
+
+        def read() -> None:
+            try:
+                for resp in call:
+                    arrivals.put((time.perf_counter(), resp))
+            except grpc.RpcError as e:
+                if not done.is_set():
+                    arrivals.put((time.perf_counter(), e))
+
+        reader = threading.Thread(target=read, name="bench-watch", daemon=True)
+        reader.start()
+        try:
+            def next_response():
+                try:
+                    t, resp = arrivals.get(timeout=WATCH_TIMEOUT)
+                except queue.Empty:
+                    raise RuntimeError(f"no watch response within {WATCH_TIMEOUT:.0f} s") from None
+                if isinstance(resp, Exception):
+                    raise RuntimeError(f"the watch ended: {resp}")
+                return t, resp
+
+            _, first = next_response()
+            if not first.created:
+                raise RuntimeError(f"the watch was not created: {first}")
+            latencies: list[float] = []
+            before = None
+            for i in range(warmup + samples):
+                if i == warmup and probe:
+                    before = probe.start(False)
+                t0 = time.perf_counter()
+                put = kv.Put.future(pb.PutRequest(key=key, value=value), timeout=WATCH_TIMEOUT)
+                seen: list[tuple[float, int]] = []
+                revision = None
+                for _ in range(100):   # progress responses carry no events; skip them
+                    t1, resp = next_response()
+                    seen.extend((t1, e.kv.mod_revision) for e in resp.events)
+                    if seen:
+                        break
+                revision = put.result().header.revision
+                match = [t for t, rev in seen if rev == revision]
+                if not match:
+                    raise RuntimeError(f"watch event revisions {[r for _, r in seen]}, put revision {revision}")
+                if i >= warmup:
+                    latencies.append((match[0] - t0) * 1e3)
+            server = probe.stop(before) if probe and before is not None else {}
+        finally:
+            done.set()
+            call.cancel()
+            reader.join(5)
+    return _latency_cell(latencies, server)
+
+
+def watch_article(dsn: str, schema: str, value: str, samples: int, warmup: int,
+                  probe: Probe | None) -> Cell:
+    """The article's watch: ``LISTEN`` on the key's channel, ``set()`` on
+    another connection; time ``set()`` sent -> notification received."""
+    import queue
+    import threading
+
+    import psycopg
+
+    arrivals: queue.Queue = queue.Queue()
+    stop = threading.Event()
+    with psycopg.connect(dsn, autocommit=True) as listener, \
+            psycopg.connect(dsn, autocommit=True, options=f"-c search_path={schema}") as writer:
+        listener.execute(f"LISTEN {WATCH_CHANNEL}")
+
+        def read() -> None:
+            try:
+                for _ in range(int(WATCH_TIMEOUT * (samples + warmup + 1) / 0.2) + 1):
+                    if stop.is_set():
+                        return
+                    for n in listener.notifies(timeout=0.2):
+                        arrivals.put((time.perf_counter(), n.payload))
+            except psycopg.Error as e:
+                arrivals.put((time.perf_counter(), e))
+
+        reader = threading.Thread(target=read, name="bench-listen", daemon=True)
+        reader.start()
+        try:
+            latencies: list[float] = []
+            before = None
+            for i in range(warmup + samples):
+                if i == warmup and probe:
+                    before = probe.start(False)
+                t0 = time.perf_counter()
+                revision = writer.execute("SELECT set(%s, %s)", (WATCH_KEY, value), prepare=True).fetchone()[0]
+                for _ in range(100):
+                    try:
+                        t1, payload = arrivals.get(timeout=WATCH_TIMEOUT)
+                    except queue.Empty:
+                        raise RuntimeError(f"no notification within {WATCH_TIMEOUT:.0f} s") from None
+                    if isinstance(payload, Exception):
+                        raise RuntimeError(f"LISTEN failed: {payload}")
+                    row = json.loads(payload)
+                    if row.get("key") == WATCH_KEY and row.get("revision") == revision:
+                        break
+                else:
+                    raise RuntimeError(f"no notification of revision {revision}")
+                if i >= warmup:
+                    latencies.append((t1 - t0) * 1e3)
+            server = probe.stop(before) if probe and before is not None else {}
+        finally:
+            stop.set()
+            reader.join(5)
+    return _latency_cell(latencies, server)
+
+
+# ---------------------------------------------------------------------------
 # engines
 
 
@@ -325,6 +522,26 @@ def measure_engine(name: str, gl, url_or_dsn: str, args, workdir: str, levels: l
             log(f"# {TITLES[name]:<22} {workload} c={level:<3} {cell.qps:9.0f} QPS  "
                 f"p99 {cell.p99_ms:7.2f} ms  CPU s/1k {cpu}  failed {cell.failed}  "
                 f"others {_fmt(cell.noise_pct, 0)}% of srv core")
+    if args.watch_samples > 0:
+        value = gl.make_value(gl.VALUE_SIZE)
+        warmup = min(50, args.watch_samples) if args.warmup > 0 else 0
+        runs = []
+        try:
+            for _ in range(args.runs):
+                if name == "article":
+                    runs.append(watch_article(url_or_dsn, schema, value.decode(), args.watch_samples,
+                                              warmup, probe))
+                else:
+                    runs.append(watch_grpc(gl.target_address(url_or_dsn), value, args.watch_samples,
+                                           warmup, probe))
+        except Exception as e:   # the put and get figures stand without the watch
+            log(f"# {name} watch: {type(e).__name__}: {e}")
+            result.notes.append(f"watch not measured: {type(e).__name__}: {str(e)[:300]}")
+            return result
+        cell = merge_runs(runs)
+        result.cells["watch", 1] = cell
+        log(f"# {TITLES[name]:<22} watch put->event  p50 {cell.p50_ms:7.2f} ms  p99 {cell.p99_ms:7.2f} ms  "
+            f"({cell.ops} samples)  others {_fmt(cell.noise_pct, 0)}% of srv core")
     return result
 
 
@@ -368,14 +585,22 @@ def format_table(results: list[EngineResult], levels: list[int]) -> str:
             cells = [r.cells.get((workload, level), Cell()) for r in shown]
             row(f"{workload} QPS @ c={level}", [_fmt(c.qps, 0) for c in cells])
             row(f"{workload} p99 ms @ c={level}", [_fmt(c.p99_ms, 2) for c in cells])
+    if any(("watch", 1) in r.cells for r in shown):
+        cells = [r.cells.get(("watch", 1), Cell()) for r in shown]
+        row("watch p50 ms (put → event)", [_fmt(c.p50_ms, 2) for c in cells])
+        row("watch p99 ms (put → event)", [_fmt(c.p99_ms, 2) for c in cells])
     row("WAL bytes / put", [_fmt(wal_per_put(r, levels), 0) for r in shown])
     for workload in ("put", "get"):
         for level in levels:
             cells = [r.cells.get((workload, level), Cell()) for r in shown]
-            row(f"server CPU s / 1k {workload} @ c={level}", [_fmt(c.cpu_per_kop, 3) for c in cells])
+            label = f"server CPU s / 1k {workload} @ c={level}"
+            row(label, [_fmt(c.cpu_per_kop, 3) for c in cells])
+            row(f"{label}: mvcckv or etcd process", [_fmt(c.own_cpu_per_kop, 3) for c in cells])
+            row(f"{label}: PostgreSQL processes", [_fmt(c.pg_cpu_per_kop, 3) for c in cells])
     noise = []
     for r in shown:
-        vals = [c.noise_pct for c in r.cells.values() if c.noise_pct is not None]
+        vals = [c.noise_pct for c in r.cells.values()
+                if c.noise_pct is not None and not math.isnan(c.noise_pct)]
         noise.append(f"{_median(vals):.0f} / {max(vals):.0f}" if vals else "-")
     row("others' CPU on server core, % (median / max)", noise)
     fails = [f"{TITLES[r.name]} {w} @ c={lv}: {c.failed} failed requests"
@@ -387,29 +612,71 @@ def format_table(results: list[EngineResult], levels: list[int]) -> str:
 
 
 def draw_chart(results: list[EngineResult], levels: list[int], path: str) -> str | None:
-    """A PNG of QPS and p99 per engine; returns why not when matplotlib is missing."""
+    """A PNG per engine: QPS, p99, watch latency and server CPU per operation
+    (split into the gRPC server process and PostgreSQL); returns why not
+    when matplotlib is missing."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import FuncFormatter
     except ImportError:
         return "matplotlib is not installed (pip install matplotlib); no chart"
     shown = [r for r in results if not r.skipped]
     groups = [(w, lv) for w in ("put", "get") for lv in levels]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, axes = plt.subplots(2, 2, figsize=(12, 9))
+
+    def minor(v, _) -> str:
+        # Only 2x and 5x between the powers of ten: all nine would overlap.
+        return f"{v:g}" if v > 0 and round(v / 10 ** math.floor(math.log10(v))) in (2, 5) else ""
+
+    def log_scale(ax) -> None:
+        ax.set_yscale("log")
+        # 0.5, 2, 10 rather than 5x10^-1, 2x10^0, 10^1
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(FuncFormatter(minor))
+
     width = 0.8 / max(1, len(shown))
-    for ax, attr, title in ((axes[0], "qps", "QPS (higher is better)"),
-                            (axes[1], "p99_ms", "p99 latency, ms (log scale, lower is better)")):
+    colors = {r.name: f"C{i}" for i, r in enumerate(shown)}
+
+    def offset(i: int, j: int) -> float:
+        return j + (i - (len(shown) - 1) / 2) * width
+
+    def nan0(v) -> float:
+        return 0.0 if v is None or math.isnan(v) else v
+
+    for ax, attr, title in ((axes[0][0], "qps", "QPS (higher is better)"),
+                            (axes[0][1], "p99_ms", "p99 latency, ms (log scale, lower is better)")):
         for i, r in enumerate(shown):
             vals = [getattr(r.cells.get(g, Cell()), attr) for g in groups]
-            xs = [j + (i - (len(shown) - 1) / 2) * width for j in range(len(groups))]
-            ax.bar(xs, [0 if math.isnan(v) else v for v in vals], width, label=TITLES[r.name])
+            ax.bar([offset(i, j) for j in range(len(groups))], [nan0(v) for v in vals], width,
+                   label=TITLES[r.name], color=colors[r.name])
         ax.set_xticks(range(len(groups)), [f"{w} c={lv}" for w, lv in groups])
         ax.set_title(title)
         if attr == "p99_ms":
-            ax.set_yscale("log")
-    axes[0].legend(fontsize=8)
+            log_scale(ax)
+    axes[0][0].legend(fontsize=8)
+
+    ax = axes[1][0]
+    for i, r in enumerate(shown):
+        c = r.cells.get(("watch", 1), Cell())
+        ax.bar([offset(i, 0), offset(i, 1)], [nan0(c.p50_ms), nan0(c.p99_ms)], width,
+               label=TITLES[r.name], color=colors[r.name])
+    ax.set_xticks([0, 1], ["p50", "p99"])
+    ax.set_title("watch latency, put sent -> event received, ms (lower is better)")
+
+    ax = axes[1][1]
+    for i, r in enumerate(shown):
+        cells = [r.cells.get(g, Cell()) for g in groups]
+        xs = [offset(i, j) for j in range(len(groups))]
+        own = [nan0(c.own_cpu_per_kop) for c in cells]
+        pg = [nan0(c.pg_cpu_per_kop) for c in cells]
+        ax.bar(xs, own, width, color=colors[r.name])
+        ax.bar(xs, pg, width, bottom=own, color=colors[r.name], hatch="///", edgecolor="white")
+    ax.set_xticks(range(len(groups)), [f"{w} c={lv}" for w, lv in groups])
+    ax.set_title("server CPU s per 1k ops (hatched: PostgreSQL processes)")
+
     fig.suptitle("256-byte values, same keys and concurrency for every engine")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -550,7 +817,10 @@ def run(args) -> int:
                         f"{sorted(load_cpus)}" if server_cpus else "no CPU pinning")
             f.write(f"{args.duration} s x {args.runs} run(s) per row after {args.warmup} s of "
                     f"warm-up; {pin_note}; gRPC gets are {args.get}; "
-                    f"{args.connections} HTTP/2 connections (capped at the concurrency).\n\n")
+                    f"{args.connections} HTTP/2 connections (capped at the concurrency)")
+            if args.watch_samples > 0:
+                f.write(f"; watch: {args.watch_samples} put -> event samples per run, one at a time")
+            f.write(".\n\n")
             f.write(table + "\n")
             if args.chart and chart_note is None:
                 f.write(f"\nChart: `{args.chart}`\n")

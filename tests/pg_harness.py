@@ -6,6 +6,8 @@
         pg.restart()                  # same port, same data
         pg.stop_server()              # down (data kept) ...
         pg.start_server()             # ... and up again
+        url = pg.create_database("m1")    # another database, dropped with
+        pg.drop_database("m1")            # pg.drop_database
 
 Each server is a fresh cluster: ``initdb`` into a temporary directory
 (trust authentication, user ``postgres``, C locale), then ``postgres`` on a
@@ -33,6 +35,7 @@ import atexit
 import glob
 import os
 import pwd
+import re
 import shutil
 import signal
 import socket
@@ -136,6 +139,28 @@ class PostgresServer:
 
     def alive(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
+
+    # -- databases --
+
+    def create_database(self, name: str) -> str:
+        """Create an empty database; returns its ``postgresql://`` URL.
+
+        A database per test module is cheap (a copy of ``template1``) and
+        isolates more than a schema: dropping it also ends any session a
+        crashed server left behind.
+        """
+        self._admin(f'CREATE DATABASE "{_identifier(name)}"')
+        return self.dsn(name)
+
+    def drop_database(self, name: str) -> None:
+        """Drop a database, ending the sessions still connected to it."""
+        self._admin(f'DROP DATABASE IF EXISTS "{_identifier(name)}" WITH (FORCE)')
+
+    def _admin(self, statement: str) -> None:
+        import psycopg  # a test dependency; only the database helpers need it
+
+        with psycopg.connect(self.dsn(), autocommit=True, connect_timeout=10) as conn:
+            conn.execute(statement)
 
     def log_text(self) -> str:
         try:
@@ -244,6 +269,13 @@ class PostgresServer:
         self.stop_server("immediate")
         state = f"exited with code {code}" if code is not None else f"not ready after {STARTUP_TIMEOUT:.0f} s"
         raise RuntimeError(f"postgres on port {self.port} {state}; log tail:\n{self.log_text()[-4000:]}")
+
+
+def _identifier(name: str) -> str:
+    """``name`` if it is a plain lower-case identifier (it goes into SQL text)."""
+    if not re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", name):
+        raise ValueError(f"not a plain identifier: {name!r}")
+    return name
 
 
 def _accepts_tcp(port: int) -> bool:

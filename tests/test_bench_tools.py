@@ -1,9 +1,12 @@
-"""Fast checks of the benchmark tools in bench/ (encoders, h2load parsing)."""
+"""Checks of the benchmark tools: bench/ (encoders, h2load parsing) and
+``mvcckv bench compare`` (its table, chart, and one short run of every engine)."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
+import subprocess
 import sys
 
 import pytest
@@ -281,3 +284,125 @@ def test_h2load_against_noop_server(tmp_path):
         assert r.p50_ms > 0 and r.p99_ms >= r.p50_ms and r.server_cpu_s is not None
         pid = srv.pid
     assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
+
+
+# ---------------------------------------------------------------------------
+# mvcckv bench compare: the table's rows, and one short run of every engine
+
+
+def _compare():
+    from mvcckv import benchcompare
+
+    return benchcompare
+
+
+def _table_rows(table: str) -> dict[str, list[str]]:
+    rows = {}
+    for line in table.splitlines():
+        if line.startswith("| ") and not line.startswith("|---"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            rows[cells[0]] = cells[1:]
+    return rows
+
+
+def test_compare_merges_runs_and_splits_server_cpu():
+    bc = _compare()
+    runs = [bc.Cell(p50_ms=p50, p99_ms=p50 * 3, ops=1000, cpu_s=own + pg, cpu_own_s=own, cpu_pg_s=pg)
+            for p50, own, pg in ((1.0, 0.5, 0.25), (3.0, 0.7, 0.35), (2.0, 0.6, 0.3))]
+    cell = bc.merge_runs(runs)
+    assert (cell.p50_ms, cell.p99_ms, cell.ops) == (2.0, 6.0, 3000)
+    assert cell.cpu_per_kop == pytest.approx(0.9)
+    assert (cell.own_cpu_per_kop, cell.pg_cpu_per_kop) == (pytest.approx(0.6), pytest.approx(0.3))
+    # A part that one run did not measure is not measured for the row.
+    assert bc.merge_runs([bc.Cell(ops=10, cpu_s=1.0, cpu_own_s=1.0), bc.Cell(ops=10)]).cpu_s is None
+    assert bc._percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.0
+    assert bc._percentile(list(range(1, 101)), 99) == 99
+
+
+def test_compare_table_has_watch_and_cpu_split_rows():
+    bc = _compare()
+    cell = lambda **kw: bc.Cell(ops=1000, qps=1000.0, p99_ms=2.0, **kw)  # noqa: E731
+    results = [
+        bc.EngineResult("lmdb", {("put", 1): cell(cpu_s=0.5, cpu_own_s=0.5),
+                                 ("watch", 1): bc.Cell(p50_ms=1.0, p99_ms=4.0, ops=300)}),
+        bc.EngineResult("pg", {("put", 1): cell(cpu_s=1.2, cpu_own_s=0.8, cpu_pg_s=0.4),
+                               ("watch", 1): bc.Cell(p50_ms=2.0, p99_ms=8.0, ops=300)}),
+        bc.EngineResult("article", {("put", 1): cell(cpu_s=0.1, cpu_pg_s=0.1)}),
+        bc.EngineResult("etcd", skipped="no etcd binary"),
+    ]
+    table = bc.format_table(results, [1])
+    rows = _table_rows(table)
+    assert rows["metric"] == ["mvcckv / LMDB", "mvcckv / PostgreSQL", "article SQL (pgbench)"]
+    assert rows["put QPS @ c=1"] == ["1,000"] * 3  # the rows that were there before stay
+    assert rows["watch p50 ms (put → event)"] == ["1.00", "2.00", "-"]
+    assert rows["watch p99 ms (put → event)"] == ["4.00", "8.00", "-"]
+    assert rows["server CPU s / 1k put @ c=1"] == ["0.500", "1.200", "0.100"]
+    assert rows["server CPU s / 1k put @ c=1: mvcckv or etcd process"] == ["0.500", "0.800", "-"]
+    assert rows["server CPU s / 1k put @ c=1: PostgreSQL processes"] == ["-", "0.400", "0.100"]
+    assert rows["others' CPU on server core, % (median / max)"] == ["-", "-", "-"]
+    assert "- etcd: not measured: no etcd binary" in table
+    # Without watch figures (--watch-samples 0) the watch rows are left out.
+    results[0].cells.pop(("watch", 1))
+    results[1].cells.pop(("watch", 1))
+    assert "watch p50" not in bc.format_table(results, [1])
+
+
+def test_compare_chart(tmp_path):
+    bc = _compare()
+    results = [bc.EngineResult("pg", {("put", 1): bc.Cell(qps=10.0, p99_ms=1.0, ops=10, cpu_s=0.3,
+                                                           cpu_own_s=0.2, cpu_pg_s=0.1),
+                                      ("watch", 1): bc.Cell(p50_ms=1.0, p99_ms=2.0, ops=5)})]
+    path = tmp_path / "chart.png"
+    why = bc.draw_chart(results, [1], str(path))
+    # matplotlib is optional (the bench extra): without it the command says so.
+    if importlib.util.find_spec("matplotlib") is None:
+        assert why is not None and "matplotlib" in why and not path.exists()
+    else:
+        assert why is None and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _require(tool: str, found: bool, package: str) -> None:
+    if found:
+        return
+    reason = f"{tool} not found (Debian package {package}: bash tools/setup.sh)"
+    if os.environ.get("CI", "").strip().lower() in ("1", "true", "yes"):
+        pytest.fail(f"{reason}; CI must run the compare smoke test", pytrace=False)
+    pytest.skip(reason)
+
+
+def test_compare_smoke_run_of_every_engine(tmp_path):
+    """A short real run (about 15 s): every engine measured, every new row filled."""
+    from pg_harness import find_postgres
+
+    _require_h2load()
+    _require("pgbench", shutil.which("pgbench") is not None, "postgresql-client")
+    _require("PostgreSQL server binaries", find_postgres() is not None, "postgresql")
+    _require("etcd", os.path.exists("/usr/bin/etcd") or shutil.which("etcd") is not None, "etcd-server")
+    markdown = tmp_path / "compare.md"
+    repo = os.path.dirname(BENCH)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run(
+        [sys.executable, "-m", "mvcckv", "bench", "compare", "--duration", "1", "--runs", "1",
+         "--warmup", "0", "--concurrency", "1", "--watch-samples", "20", "--no-pin", "--chart", "",
+         "--markdown", str(markdown)],
+        capture_output=True, text=True, timeout=240, cwd=repo, env=env, stdin=subprocess.DEVNULL,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = _table_rows(proc.stdout)
+    assert rows["metric"] == ["mvcckv / LMDB", "mvcckv / PostgreSQL", "article SQL (pgbench)", "etcd"], \
+        proc.stdout + proc.stderr[-3000:]
+    p50 = [float(v) for v in rows["watch p50 ms (put → event)"]]
+    p99 = [float(v) for v in rows["watch p99 ms (put → event)"]]
+    assert all(0 < a <= b < 1000 for a, b in zip(p50, p99)), (p50, p99)
+    for workload in ("put", "get"):
+        label = f"server CPU s / 1k {workload} @ c=1"
+        total, own, pg = rows[label], rows[f"{label}: mvcckv or etcd process"], rows[f"{label}: PostgreSQL processes"]
+        assert own[2] == "-" and pg[0] == "-" and pg[3] == "-", (own, pg)
+        assert float(own[0]) == float(total[0]) and float(own[3]) == float(total[3])
+        assert float(pg[2]) == float(total[2]) > 0
+        # mvcckv on PostgreSQL: both parts measured, adding up to the total (rounding aside).
+        assert float(own[1]) > 0 and float(pg[1]) > 0
+        assert float(own[1]) + float(pg[1]) == pytest.approx(float(total[1]), abs=0.0015)
+    assert "failed" not in proc.stdout  # neither failed requests nor failed engines
+    text = markdown.read_text()
+    assert "watch: 20 put -> event samples per run" in text and "watch p99 ms (put → event)" in text

@@ -1,10 +1,13 @@
 """Interop: the real etcdctl (3.4, ``ETCDCTL_API=3``) against ``mvcckv serve``.
 
-Output shapes are etcdctl's ``-w json`` as recorded in docs/etcdctl-json.md;
-error texts are etcd's, read after ``Error: `` on stderr.  One server is
-shared by the module, so each test uses keys of its own (all below
-``~``, which the --from-key tests own); tests that compact, fill the quota,
-raise alarms or restart get their own server.
+Every test runs on both engines (ids ``[lmdb]`` and ``[pg]``: the
+``engine`` fixture of conftest.py), with the same expectations: etcdctl
+must not be able to tell them apart.  Output shapes are etcdctl's
+``-w json`` as recorded in docs/etcdctl-json.md; error texts are etcd's,
+read after ``Error: `` on stderr.  One server per engine is shared by the
+module, so each test uses keys of its own (all below ``~``, which the
+--from-key tests own); tests that compact, fill the quota, raise alarms or
+restart get their own server (on PostgreSQL: a schema of their own).
 
 etcdctl 3.4 has no ``--count-only`` or min/max revision flags;
 test_server_grpc.py covers those fields.
@@ -16,7 +19,7 @@ import base64
 
 import pytest
 
-from harness import EtcdctlError, MvcckvProcess, kvs, stub
+from harness import EtcdctlError, kvs, stub
 from mvcckv.pb import rpc_pb2 as pb
 
 MEMBER_ID = 0x8E9E05C52164694D
@@ -26,17 +29,17 @@ FUTURE = "etcdserver: mvcc: required revision is a future revision"
 
 
 @pytest.fixture(scope="module")
-def srv(mvcckv_server_module):
-    return mvcckv_server_module
+def srv(engine_server_module):
+    return engine_server_module
 
 
 @pytest.fixture
-def own(tmp_path):
+def own(engine, tmp_path):
     """A server of the test's own, started with extra flags by the test."""
     servers = []
 
     def start(*args):
-        server = MvcckvProcess(tmp_path / "data", log_path=tmp_path / "mvcckv.log", extra_args=args)
+        server = engine.process(tmp_path / "data", log_path=tmp_path / "mvcckv.log", extra_args=args)
         servers.append(server)
         return server.start()
 
