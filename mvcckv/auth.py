@@ -224,17 +224,74 @@ class _State:
         self.perms: dict[str, _UserPerms] = {}
 
 
-class _Update:
-    """The changes one request makes: written to the LMDB transaction as
-    they are made, swapped in as a new :class:`_State` at the end.  Every
-    check that can fail runs before the first change."""
+class AuthWrites:
+    """Where an auth change is written: the engine's side of one request.
 
-    __slots__ = ("_old", "_txn", "_dbs", "users", "roles", "enabled")
+    :meth:`AuthStore.apply_writes` decides every change (the rules live
+    there only) and calls these in the order it makes them, inside the
+    engine's write transaction; users and roles are the encoded
+    ``authpb.User`` / ``authpb.Role`` under their name.
+    """
 
-    def __init__(self, old: _State, txn, dbs):
-        self._old = old
+    __slots__ = ()
+
+    def put_user(self, name: bytes, data: bytes) -> None:
+        raise NotImplementedError
+
+    def delete_user(self, name: bytes) -> None:
+        raise NotImplementedError
+
+    def put_role(self, name: bytes, data: bytes) -> None:
+        raise NotImplementedError
+
+    def delete_role(self, name: bytes) -> None:
+        raise NotImplementedError
+
+    def set_enabled(self, enabled: bool) -> None:
+        raise NotImplementedError
+
+    def set_revision(self, revision: int) -> None:
+        raise NotImplementedError
+
+
+class LmdbAuthWrites(AuthWrites):
+    """The LMDB layout (etcd's bbolt buckets, see the module docstring)."""
+
+    __slots__ = ("_txn", "_dbs")
+
+    def __init__(self, txn, dbs):
         self._txn = txn
         self._dbs = dbs
+
+    def put_user(self, name: bytes, data: bytes) -> None:
+        self._txn.put(name, data, db=self._dbs[AUTH_USERS])
+
+    def delete_user(self, name: bytes) -> None:
+        self._txn.delete(name, db=self._dbs[AUTH_USERS])
+
+    def put_role(self, name: bytes, data: bytes) -> None:
+        self._txn.put(name, data, db=self._dbs[AUTH_ROLES])
+
+    def delete_role(self, name: bytes) -> None:
+        self._txn.delete(name, db=self._dbs[AUTH_ROLES])
+
+    def set_enabled(self, enabled: bool) -> None:
+        self._txn.put(ENABLED_KEY, b"\x01" if enabled else b"\x00", db=self._dbs[AUTH])
+
+    def set_revision(self, revision: int) -> None:
+        self._txn.put(REVISION_KEY, encode_u64(revision), db=self._dbs[AUTH])
+
+
+class _Update:
+    """The changes one request makes: written through :class:`AuthWrites`
+    as they are made, swapped in as a new :class:`_State` at the end.
+    Every check that can fail runs before the first change."""
+
+    __slots__ = ("_old", "_out", "users", "roles", "enabled")
+
+    def __init__(self, old: _State, out: AuthWrites):
+        self._old = old
+        self._out = out
         self.users = old.users
         self.roles = old.roles
         self.enabled = old.enabled
@@ -243,35 +300,35 @@ class _Update:
         if self.users is self._old.users:
             self.users = dict(self.users)
         self.users[user.name.decode()] = user
-        self._txn.put(user.name, user.SerializeToString(), db=self._dbs[AUTH_USERS])
+        self._out.put_user(user.name, user.SerializeToString())
 
     def delete_user(self, name: str) -> None:
         if self.users is self._old.users:
             self.users = dict(self.users)
         del self.users[name]
-        self._txn.delete(name.encode(), db=self._dbs[AUTH_USERS])
+        self._out.delete_user(name.encode())
 
     def put_role(self, role: auth_pb2.Role) -> None:
         if self.roles is self._old.roles:
             self.roles = dict(self.roles)
         self.roles[role.name.decode()] = role
-        self._txn.put(role.name, role.SerializeToString(), db=self._dbs[AUTH_ROLES])
+        self._out.put_role(role.name, role.SerializeToString())
 
     def delete_role(self, name: str) -> None:
         if self.roles is self._old.roles:
             self.roles = dict(self.roles)
         del self.roles[name]
-        self._txn.delete(name.encode(), db=self._dbs[AUTH_ROLES])
+        self._out.delete_role(name.encode())
 
     def set_enabled(self, enabled: bool) -> None:
         self.enabled = enabled
-        self._txn.put(ENABLED_KEY, b"\x01" if enabled else b"\x00", db=self._dbs[AUTH])
+        self._out.set_enabled(enabled)
 
     def state(self, bump: bool = True) -> _State:
         revision = self._old.revision
         if bump:
             revision += 1
-            self._txn.put(REVISION_KEY, encode_u64(revision), db=self._dbs[AUTH])
+            self._out.set_revision(revision)
         return _State(self.enabled, revision, self.users, self.roles)
 
 
@@ -519,18 +576,58 @@ class AuthStore:
     # the engine's side: recovery, logged changes (writer thread only)
 
     def recover(self, txn, dbs) -> None:
-        """Load the state from the backend (when the store opens)."""
+        """Load the state from the LMDB backend (when the store opens)."""
         enabled = txn.get(ENABLED_KEY, db=dbs[AUTH]) == b"\x01"
         raw = txn.get(REVISION_KEY, db=dbs[AUTH])
         revision = decode_u64(raw) if raw else 1
-        users = {}
-        for k, v in txn.cursor(db=dbs[AUTH_USERS]):
-            users[k.decode()] = auth_pb2.User.FromString(v)
-        roles = {}
-        for k, v in txn.cursor(db=dbs[AUTH_ROLES]):
-            roles[k.decode()] = auth_pb2.Role.FromString(v)
-        self._state = _State(enabled, revision, users, roles)
+        self.load(enabled, revision, txn.cursor(db=dbs[AUTH_USERS]), txn.cursor(db=dbs[AUTH_ROLES]))
+
+    def load(self, enabled: bool, revision: int, users, roles) -> None:
+        """Install a state read from storage; ``users`` and ``roles`` yield
+        (name, encoded message) pairs.  No listener hears of it."""
+        self._state = _decode_state(enabled, revision, users, roles)
         self._enabled = enabled
+
+    @property
+    def generation(self) -> int:
+        """A number that grows with every change, enable included: the
+        revision moves with every change except an enable, which only ever
+        turns ``enabled`` from off to on at an unchanged revision."""
+        st = self._state
+        return 2 * st.revision + st.enabled
+
+    def reload(self, enabled: bool, revision: int, users, roles, *, reenabled: bool = False) -> None:
+        """Install a newer state that another process committed, and tell
+        the listeners what they would have heard had the changes been
+        applied here: a deleted user, a changed password (a user deleted
+        and added again has a new salt), auth turned off or on.  With
+        ``reenabled`` auth went off and on again in between."""
+        old = self._state
+        new = _decode_state(enabled, revision, users, roles)
+        heard: list[tuple[int, object]] = []
+        if old.enabled and (not new.enabled or reenabled):
+            heard.append((KIND_AUTH_DISABLE, pb.AuthDisableRequest()))
+        for name, user in old.users.items():
+            now = new.users.get(name)
+            if now is None:
+                heard.append((KIND_AUTH_USER_DELETE, pb.AuthUserDeleteRequest(name=name)))
+            elif now.password != user.password or now.options.no_password != user.options.no_password:
+                heard.append((KIND_AUTH_USER_CHANGE_PASSWORD, pb.AuthUserChangePasswordRequest(name=name)))
+        if new.enabled and (not old.enabled or reenabled):
+            heard.append((KIND_AUTH_ENABLE, pb.AuthEnableRequest()))
+        self._state = new
+        self._enabled = enabled
+        self._announce(heard)
+
+    def save(self):
+        """The current state, for :meth:`rollback` (writer thread only)."""
+        return self._state
+
+    def rollback(self, saved) -> None:
+        """Undo what this batch applied: its transaction did not commit."""
+        self._pending = []
+        self._state = saved
+        self._enabled = saved.enabled
 
     def check_revision(self, revision: int) -> None:
         """At apply time, for a request the server authorized at auth
@@ -542,14 +639,21 @@ class AuthStore:
         """Apply one logged auth request in the LMDB transaction ``txn``;
         its response (header not filled).  Deterministic; a request that
         raises has changed nothing."""
-        return self._appliers[kind](req, _Update(self._state, txn, dbs))
+        return self._appliers[kind](req, _Update(self._state, LmdbAuthWrites(txn, dbs)))
+
+    def apply_writes(self, kind: int, req, out: AuthWrites):
+        """:meth:`apply` for any storage: the changes go to ``out``."""
+        return self._appliers[kind](req, _Update(self._state, out))
 
     def committed(self) -> None:
         """Announce the changes of the batch just committed."""
         if not self._pending:
             return
         pending, self._pending = self._pending, []
-        for kind, req in pending:
+        self._announce(pending)
+
+    def _announce(self, changes) -> None:
+        for kind, req in changes:
             for fn in self._listeners:
                 try:
                     fn(kind, req)
@@ -715,6 +819,125 @@ class AuthStore:
         up.put_role(auth_pb2.Role(name=old.name, keyPermission=kept))
         self._install(KIND_AUTH_ROLE_REVOKE_PERMISSION, req, up.state())
         return pb.AuthRoleRevokePermissionResponse()
+
+
+_PERM_TYPES = {"read": READ, "write": WRITE, "readwrite": READWRITE}
+
+
+class AuthAdmin:
+    """The embedded auth administration of an engine, the same on every
+    engine: each change is proposed as root's would be (no auth revision
+    to check), each read answered by the engine's auth store.
+
+    The engine provides ``auth``, ``propose(kind, req)`` and
+    ``_auth_view()`` (the auth store once the engine is known to be open
+    and, where other processes share it, up to date).
+    """
+
+    __slots__ = ()
+
+    def _propose_auth(self, kind: int, req):
+        return self.propose(kind, self.auth.prepare(kind, req)).result()
+
+    def auth_enable(self) -> pb.AuthEnableResponse:
+        """Turn auth on; user ``root`` must exist and have role ``root``."""
+        return self._propose_auth(KIND_AUTH_ENABLE, pb.AuthEnableRequest())
+
+    def auth_disable(self) -> pb.AuthDisableResponse:
+        return self._propose_auth(KIND_AUTH_DISABLE, pb.AuthDisableRequest())
+
+    def auth_status(self) -> pb.AuthStatusResponse:
+        """Whether auth is on, and the auth revision."""
+        return self._auth_view().status()
+
+    def user_add(self, name: str, password: str | None = None, *, no_password: bool = False) -> pb.AuthUserAddResponse:
+        """Add a user.  A ``no_password`` user cannot authenticate with a
+        password; otherwise ``password`` (None: "") is stored as its bcrypt
+        hash, hashed here on the calling thread.
+
+        >>> import mvcckv, tempfile
+        >>> with mvcckv.open(tempfile.mkdtemp(), bcrypt_cost=4) as store:
+        ...     _ = store.user_add("alice", "pw"); _ = store.role_add("ops")
+        ...     _ = store.user_grant_role("alice", "ops")
+        ...     list(store.user_get("alice").roles), store.auth_status().authRevision
+        (['ops'], 4)
+        """
+        req = pb.AuthUserAddRequest(name=name, password=password or "")
+        if no_password:
+            req.options.no_password = True
+        return self._propose_auth(KIND_AUTH_USER_ADD, req)
+
+    def user_delete(self, name: str) -> pb.AuthUserDeleteResponse:
+        return self._propose_auth(KIND_AUTH_USER_DELETE, pb.AuthUserDeleteRequest(name=name))
+
+    def user_change_password(self, name: str, password: str) -> pb.AuthUserChangePasswordResponse:
+        req = pb.AuthUserChangePasswordRequest(name=name, password=password)
+        return self._propose_auth(KIND_AUTH_USER_CHANGE_PASSWORD, req)
+
+    def user_grant_role(self, user: str, role: str) -> pb.AuthUserGrantRoleResponse:
+        """Grant ``role`` (which must exist, unless it is ``root``)."""
+        return self._propose_auth(KIND_AUTH_USER_GRANT_ROLE, pb.AuthUserGrantRoleRequest(user=user, role=role))
+
+    def user_revoke_role(self, user: str, role: str) -> pb.AuthUserRevokeRoleResponse:
+        return self._propose_auth(KIND_AUTH_USER_REVOKE_ROLE, pb.AuthUserRevokeRoleRequest(name=user, role=role))
+
+    def user_get(self, name: str) -> pb.AuthUserGetResponse:
+        return self._auth_view().user_get(name)
+
+    def user_list(self) -> pb.AuthUserListResponse:
+        return self._auth_view().user_list()
+
+    def role_add(self, name: str) -> pb.AuthRoleAddResponse:
+        return self._propose_auth(KIND_AUTH_ROLE_ADD, pb.AuthRoleAddRequest(name=name))
+
+    def role_delete(self, name: str) -> pb.AuthRoleDeleteResponse:
+        """Delete a role; every user that had it loses it."""
+        return self._propose_auth(KIND_AUTH_ROLE_DELETE, pb.AuthRoleDeleteRequest(role=name))
+
+    def role_get(self, name: str) -> pb.AuthRoleGetResponse:
+        return self._auth_view().role_get(name)
+
+    def role_list(self) -> pb.AuthRoleListResponse:
+        return self._auth_view().role_list()
+
+    def role_grant_permission(
+        self,
+        role: str,
+        key: bytes | str,
+        range_end: bytes | str = b"",
+        perm: str | int = "readwrite",
+    ) -> pb.AuthRoleGrantPermissionResponse:
+        """Grant ``perm`` ("read", "write", "readwrite" or an
+        ``authpb.Permission`` type) on one key (no ``range_end``), on
+        ``[key, range_end)``, or on every key from ``key`` on (``b"\\0"``).
+        Granting the same key and range again replaces the type."""
+        if isinstance(perm, str):
+            try:
+                perm = _PERM_TYPES[perm.lower()]
+            except KeyError:
+                raise ValueError(f"unknown permission type {perm!r}") from None
+        p = auth_pb2.Permission(permType=perm, key=_b(key), range_end=_b(range_end))
+        return self._propose_auth(KIND_AUTH_ROLE_GRANT_PERMISSION, pb.AuthRoleGrantPermissionRequest(name=role, perm=p))
+
+    def role_revoke_permission(
+        self, role: str, key: bytes | str, range_end: bytes | str = b""
+    ) -> pb.AuthRoleRevokePermissionResponse:
+        """Revoke the permission granted on exactly this key and range_end."""
+        req = pb.AuthRoleRevokePermissionRequest(role=role, key=_b(key), range_end=_b(range_end))
+        return self._propose_auth(KIND_AUTH_ROLE_REVOKE_PERMISSION, req)
+
+
+def _b(v: bytes | str) -> bytes:
+    return v.encode() if isinstance(v, str) else v
+
+
+def _decode_state(enabled: bool, revision: int, users, roles) -> _State:
+    return _State(
+        enabled,
+        revision,
+        {bytes(k).decode(): auth_pb2.User.FromString(bytes(v)) for k, v in users},
+        {bytes(k).decode(): auth_pb2.Role.FromString(bytes(v)) for k, v in roles},
+    )
 
 
 def _without_role(user: auth_pb2.User, role: str) -> auth_pb2.User:

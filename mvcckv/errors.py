@@ -208,13 +208,6 @@ class InvalidAuthMgmtError(MvccError):
     message = "etcdserver: invalid auth management"
 
 
-class AuthUnsupportedError(MvccError):
-    """Not an etcd error: the engine keeps no auth store (the PostgreSQL
-    engine), so auth can be neither administered nor enabled."""
-
-    message = "mvcckv: auth is not supported by this backend"
-
-
 # --- storage faults (not client errors) --------------------------------
 
 

@@ -59,8 +59,9 @@ class Engine(Protocol):
     def compact_revision(self) -> int:
         """Last compaction revision, -1 if never compacted."""
 
-    # writes
-    def propose(self, kind: int, req) -> Future: ...
+    # writes; ``auth_revision``: the auth revision the server authorized
+    # the request at (0: not checked), re-checked when it is applied
+    def propose(self, kind: int, req, auth_revision: int = 0) -> Future: ...
     def new_lease_request(self, ttl: int, lease_id: int = 0) -> pb.LeaseGrantRequest: ...
 
     # reads
@@ -77,6 +78,10 @@ class Engine(Protocol):
     # cancel(watcher) and request_progress(stream, watchers); see watch.py
     @property
     def watch_hub(self): ...
+
+    # users, roles and permissions (``mvcckv.auth.AuthStore``)
+    @property
+    def auth(self): ...
 
     # maintenance
     def status(self): ...

@@ -62,7 +62,7 @@ from mvcckv.admission import (
     DEFAULT_MAX_TXN_OPS,
     Admission,
 )
-from mvcckv.auth import READ, READWRITE, WRITE, AuthStore
+from mvcckv.auth import AuthAdmin, AuthStore
 from mvcckv.backend import (
     ALARM,
     DEFAULT_QUOTA,
@@ -103,7 +103,7 @@ from mvcckv.kv import (
     take_batch,
 )
 from mvcckv.lease import DEFAULT_MIN_TTL, Lessor, lease_key
-from mvcckv.pb import auth_pb2, kv_pb2
+from mvcckv.pb import kv_pb2
 from mvcckv.pb import rpc_pb2 as pb
 from mvcckv.revision import REV_BYTES_LEN, from_bytes, main_prefix, to_bytes
 from mvcckv.wal import WAL
@@ -165,7 +165,6 @@ def _authorized_decoder(parse):
 _DECODERS = {kind: cls.FromString for kind, cls in _REQUEST_TYPES.items()}
 _DECODERS.update({kind | _AUTHORIZED: _authorized_decoder(cls.FromString) for kind, cls in _REQUEST_TYPES.items()})
 
-_PERM_TYPES = {"read": READ, "write": WRITE, "readwrite": READWRITE}
 
 _MAX_BATCH = 512
 _WORK = 0  # queue item kind: a callable run on the writer thread
@@ -317,7 +316,7 @@ class _WriteView(_ReadView):
             self._store._current = self.begin_rev + 1
 
 
-class Store(Admission):
+class Store(Admission, AuthAdmin):
     """An etcd-semantics MVCC key-value store in a data directory.
 
     Thread-safe.  Use :func:`mvcckv.open` for the public constructor.
@@ -1135,100 +1134,9 @@ class Store(Admission):
         """The auth store: state, password and permission checks."""
         return self._auth
 
-    def _propose_auth(self, kind: int, req):
-        return self.propose(kind, self._auth.prepare(kind, req)).result()
-
-    def auth_enable(self) -> pb.AuthEnableResponse:
-        """Turn auth on; user ``root`` must exist and have role ``root``."""
-        return self._propose_auth(KIND_AUTH_ENABLE, pb.AuthEnableRequest())
-
-    def auth_disable(self) -> pb.AuthDisableResponse:
-        return self._propose_auth(KIND_AUTH_DISABLE, pb.AuthDisableRequest())
-
-    def auth_status(self) -> pb.AuthStatusResponse:
-        """Whether auth is on, and the auth revision."""
+    def _auth_view(self) -> AuthStore:
         self._check_open()
-        return self._auth.status()
-
-    def user_add(self, name: str, password: str | None = None, *, no_password: bool = False) -> pb.AuthUserAddResponse:
-        """Add a user.  A ``no_password`` user cannot authenticate with a
-        password; otherwise ``password`` (None: "") is stored as its bcrypt
-        hash, hashed here on the calling thread.
-
-        >>> import mvcckv, tempfile
-        >>> with mvcckv.open(tempfile.mkdtemp(), bcrypt_cost=4) as store:
-        ...     _ = store.user_add("alice", "pw"); _ = store.role_add("ops")
-        ...     _ = store.user_grant_role("alice", "ops")
-        ...     list(store.user_get("alice").roles), store.auth_status().authRevision
-        (['ops'], 4)
-        """
-        req = pb.AuthUserAddRequest(name=name, password=password or "")
-        if no_password:
-            req.options.no_password = True
-        return self._propose_auth(KIND_AUTH_USER_ADD, req)
-
-    def user_delete(self, name: str) -> pb.AuthUserDeleteResponse:
-        return self._propose_auth(KIND_AUTH_USER_DELETE, pb.AuthUserDeleteRequest(name=name))
-
-    def user_change_password(self, name: str, password: str) -> pb.AuthUserChangePasswordResponse:
-        req = pb.AuthUserChangePasswordRequest(name=name, password=password)
-        return self._propose_auth(KIND_AUTH_USER_CHANGE_PASSWORD, req)
-
-    def user_grant_role(self, user: str, role: str) -> pb.AuthUserGrantRoleResponse:
-        """Grant ``role`` (which must exist, unless it is ``root``)."""
-        return self._propose_auth(KIND_AUTH_USER_GRANT_ROLE, pb.AuthUserGrantRoleRequest(user=user, role=role))
-
-    def user_revoke_role(self, user: str, role: str) -> pb.AuthUserRevokeRoleResponse:
-        return self._propose_auth(KIND_AUTH_USER_REVOKE_ROLE, pb.AuthUserRevokeRoleRequest(name=user, role=role))
-
-    def user_get(self, name: str) -> pb.AuthUserGetResponse:
-        self._check_open()
-        return self._auth.user_get(name)
-
-    def user_list(self) -> pb.AuthUserListResponse:
-        self._check_open()
-        return self._auth.user_list()
-
-    def role_add(self, name: str) -> pb.AuthRoleAddResponse:
-        return self._propose_auth(KIND_AUTH_ROLE_ADD, pb.AuthRoleAddRequest(name=name))
-
-    def role_delete(self, name: str) -> pb.AuthRoleDeleteResponse:
-        """Delete a role; every user that had it loses it."""
-        return self._propose_auth(KIND_AUTH_ROLE_DELETE, pb.AuthRoleDeleteRequest(role=name))
-
-    def role_get(self, name: str) -> pb.AuthRoleGetResponse:
-        self._check_open()
-        return self._auth.role_get(name)
-
-    def role_list(self) -> pb.AuthRoleListResponse:
-        self._check_open()
-        return self._auth.role_list()
-
-    def role_grant_permission(
-        self,
-        role: str,
-        key: bytes | str,
-        range_end: bytes | str = b"",
-        perm: str | int = "readwrite",
-    ) -> pb.AuthRoleGrantPermissionResponse:
-        """Grant ``perm`` ("read", "write", "readwrite" or an
-        ``authpb.Permission`` type) on one key (no ``range_end``), on
-        ``[key, range_end)``, or on every key from ``key`` on (``b"\\0"``).
-        Granting the same key and range again replaces the type."""
-        if isinstance(perm, str):
-            try:
-                perm = _PERM_TYPES[perm.lower()]
-            except KeyError:
-                raise ValueError(f"unknown permission type {perm!r}") from None
-        p = auth_pb2.Permission(permType=perm, key=_b(key), range_end=_b(range_end))
-        return self._propose_auth(KIND_AUTH_ROLE_GRANT_PERMISSION, pb.AuthRoleGrantPermissionRequest(name=role, perm=p))
-
-    def role_revoke_permission(
-        self, role: str, key: bytes | str, range_end: bytes | str = b""
-    ) -> pb.AuthRoleRevokePermissionResponse:
-        """Revoke the permission granted on exactly this key and range_end."""
-        req = pb.AuthRoleRevokePermissionRequest(role=role, key=_b(key), range_end=_b(range_end))
-        return self._propose_auth(KIND_AUTH_ROLE_REVOKE_PERMISSION, req)
+        return self._auth
 
     # ------------------------------------------------------------------
     # hashes

@@ -35,7 +35,8 @@ is cleared as root right after it; AuthDisable comes last.  Only the answer
 is recorded, never the state a request leaves, so whether a key exists does
 not matter.
 
-Each server runs once per module (a private instance: enabling auth would
+mvcckv runs on both engines (LMDB, and PostgreSQL in a database of its
+own).  Each server runs once per module (a private instance: enabling auth would
 break any shared server), and the whole matrix is computed by its fixture;
 the tests then compare tables.  etcd's own results are checked against
 ``EXPECTED``, so the etcd half can fail without mvcckv.
@@ -45,6 +46,7 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
@@ -873,6 +875,18 @@ def mvcckv_matrix() -> Matrix:
         return compute("mvcckv", mvcckv)
 
 
+@pytest.fixture(scope="module")
+def mvcckv_pg_matrix(postgres) -> Matrix:
+    """The same matrix served from PostgreSQL (a database of its own)."""
+    database = f"m_{uuid.uuid4().hex[:16]}"
+    url = postgres.create_database(database)
+    try:
+        with MvcckvProcess(extra_args=("--backend", url, "--bcrypt-cost", BCRYPT_COST)) as mvcckv:
+            return compute("mvcckv", mvcckv)
+    finally:
+        postgres.drop_database(database)
+
+
 # --- the tests ---------------------------------------------------------------------
 
 
@@ -901,7 +915,7 @@ def test_table_is_complete():
 
 
 @pytest.mark.parametrize("group", GROUPS)
-@pytest.mark.parametrize("target", ["etcd", "mvcckv"])
+@pytest.mark.parametrize("target", ["etcd", "mvcckv", "mvcckv_pg"])
 def test_matrix(request, target, group):
     """Every cell of ``group`` as EXPECTED says, for this server's version."""
     matrix: Matrix = request.getfixturevalue(f"{target}_matrix")
@@ -922,9 +936,11 @@ def test_matrix(request, target, group):
 
 
 @pytest.mark.parametrize("group", GROUPS)
-def test_mvcckv_answers_as_etcd(etcd_matrix, mvcckv_matrix, group):
+@pytest.mark.parametrize("backend", ["lmdb", "pg"])
+def test_mvcckv_answers_as_etcd(request, etcd_matrix, backend, group):
     """mvcckv and etcd cell by cell, but for the cells where this etcd is
     older than a change that mvcckv follows (test_matrix checks those)."""
+    mvcckv_matrix: Matrix = request.getfixturevalue("mvcckv_matrix" if backend == "lmdb" else "mvcckv_pg_matrix")
     wrong = []
     for case in CASES:
         if case.group != group:

@@ -36,6 +36,38 @@ Leases live in the ``lease`` table; any process finds expired ones
 lease in one revision as etcd does.  Compaction records the compaction
 revision in the batch that asks for it (reads below it fail at once) and
 deletes the dead rows in the background (compaction.py).
+
+Auth (``auth.py``'s :class:`~mvcckv.auth.AuthStore`, the LMDB engine's
+rules unchanged) keeps its state in ``auth_meta``, ``auth_user`` and
+``auth_role`` (schema.py).  Its changes are requests applied in the batch's
+transaction like any other, after the revision lock, so they are serialised
+with every write of every process.  A batch that holds an auth change or a
+request the server authorized first compares the table's auth state with
+its own and reloads it if another process changed it; the check of a
+request's auth revision is then made against the database's revision as
+of that transaction, never against a stale copy.
+
+Other processes' auth changes reach this one:
+
+* on their notification (``{"auth": generation}``, feed.py), within the
+  notify latency, milliseconds; or at the change feed's next catch-up
+  (reconnect, or ``poll_interval`` of silence) if it was lost;
+* on every read: its snapshot includes the auth generation, and a newer one
+  is loaded from that same snapshot before the read returns, so a read
+  checked against the older state is withdrawn (``revision of auth store
+  is old``) by the server's check after the read;
+* on every batch that touches auth (above), and on every embedded auth
+  read (``user_get``, ``auth_status``, ...).
+
+So the staleness is bounded: a permission revoked on server A is enforced
+by server B for writes at once (B's write carries the auth revision it was
+checked at and fails at apply time against the database's revision), for
+reads at once (the withdrawn read), and for every other check (Watch
+create, lease calls, Authenticate, token validity) once B hears the
+notification, or ``poll_interval`` at worst.  One window remains: a
+request that B checked while it still believed auth off carries no auth
+revision, so it is not re-checked at apply time; auth being turned on
+elsewhere takes effect on B when B hears of it.
 """
 
 from __future__ import annotations
@@ -58,6 +90,7 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import ConnectionPool, PoolClosed, PoolTimeout
 
 from mvcckv import errors, txn as txnmod, validate
+from mvcckv.auth import DEFAULT_BCRYPT_COST, AuthAdmin, AuthStore, AuthWrites
 from mvcckv.backend import (
     ALARM,
     DEFAULT_QUOTA,
@@ -69,6 +102,17 @@ from mvcckv.backend import (
 from mvcckv.hash import KeyValueHash
 from mvcckv.kv import (
     KIND_ALARM,
+    KIND_AUTH_DISABLE,
+    KIND_AUTH_ENABLE,
+    KIND_AUTH_ROLE_ADD,
+    KIND_AUTH_ROLE_DELETE,
+    KIND_AUTH_ROLE_GRANT_PERMISSION,
+    KIND_AUTH_ROLE_REVOKE_PERMISSION,
+    KIND_AUTH_USER_ADD,
+    KIND_AUTH_USER_CHANGE_PASSWORD,
+    KIND_AUTH_USER_DELETE,
+    KIND_AUTH_USER_GRANT_ROLE,
+    KIND_AUTH_USER_REVOKE_ROLE,
     KIND_COMPACT,
     KIND_DELETE_RANGE,
     KIND_LEASE_CHECKPOINT,
@@ -90,7 +134,7 @@ from mvcckv.pg.schema import channel, check_schema_name, migrate
 from mvcckv.pg.view import ReadView, WriteView, range_at
 from mvcckv.revision import to_bytes
 from mvcckv.admission import DEFAULT_MAX_REQUEST_BYTES, DEFAULT_MAX_TXN_OPS, Admission
-from mvcckv.store import Store, StoreStatus
+from mvcckv.store import _AUTHORIZED, _PASSWORD_KINDS, Store, StoreStatus, _Authorized
 
 log = logging.getLogger("mvcckv.pg")
 
@@ -108,6 +152,86 @@ _SIZE = """SELECT coalesce(sum(pg_total_relation_size(oid)), 0)::bigint FROM pg_
     WHERE relnamespace = current_schema()::regnamespace AND relkind = 'r'"""
 
 _U64 = 1 << 64
+
+_AUTH_KINDS = frozenset((
+    KIND_AUTH_ENABLE, KIND_AUTH_DISABLE, KIND_AUTH_USER_ADD, KIND_AUTH_USER_DELETE,
+    KIND_AUTH_USER_CHANGE_PASSWORD, KIND_AUTH_USER_GRANT_ROLE, KIND_AUTH_USER_REVOKE_ROLE,
+    KIND_AUTH_ROLE_ADD, KIND_AUTH_ROLE_DELETE, KIND_AUTH_ROLE_GRANT_PERMISSION,
+    KIND_AUTH_ROLE_REVOKE_PERMISSION,
+))
+_AUTH_META = "SELECT enabled, revision, enabled_revision FROM auth_meta"
+# See schema.py: grows with every auth change, enable included.
+_AUTH_GENERATION = "SELECT 2 * revision + enabled::int FROM auth_meta"
+_READ_META = f"SELECT revision, compact_revision, ({_AUTH_GENERATION}) FROM meta"
+
+
+def _touches_auth(kind: int) -> bool:
+    """Whether a batch item changes auth or must be checked against it."""
+    return kind in _AUTH_KINDS or (kind > 0 and bool(kind & _AUTHORIZED))
+
+
+@dataclass(frozen=True)
+class _AuthRows:
+    """The auth tables as one transaction saw them."""
+
+    enabled: bool
+    revision: int
+    enabled_revision: int
+    users: list
+    roles: list
+
+    @property
+    def generation(self) -> int:
+        return 2 * self.revision + self.enabled
+
+
+def _read_auth(cur, meta=None) -> _AuthRows:
+    """The auth tables; consistent when ``cur`` reads one snapshot or holds
+    the revision lock (auth is written only under it)."""
+    enabled, revision, enabled_revision = meta or cur.execute(_AUTH_META).fetchone()
+    users = cur.execute("SELECT name, data FROM auth_user ORDER BY name").fetchall()
+    roles = cur.execute("SELECT name, data FROM auth_role ORDER BY name").fetchall()
+    return _AuthRows(enabled, revision, enabled_revision, users, roles)
+
+
+class _PgAuthWrites(AuthWrites):
+    """AuthStore's changes as SQL in the batch's transaction."""
+
+    __slots__ = ("_cur", "enabled_revision")
+
+    def __init__(self, cur):
+        self._cur = cur
+        self.enabled_revision: int | None = None
+
+    def put_user(self, name: bytes, data: bytes) -> None:
+        self._cur.execute(
+            "INSERT INTO auth_user (name, data) VALUES (%s, %s)"
+            " ON CONFLICT (name) DO UPDATE SET data = excluded.data", (name, data),
+        )
+
+    def delete_user(self, name: bytes) -> None:
+        self._cur.execute("DELETE FROM auth_user WHERE name = %s", (name,))
+
+    def put_role(self, name: bytes, data: bytes) -> None:
+        self._cur.execute(
+            "INSERT INTO auth_role (name, data) VALUES (%s, %s)"
+            " ON CONFLICT (name) DO UPDATE SET data = excluded.data", (name, data),
+        )
+
+    def delete_role(self, name: bytes) -> None:
+        self._cur.execute("DELETE FROM auth_role WHERE name = %s", (name,))
+
+    def set_enabled(self, enabled: bool) -> None:
+        # Enabling does not move the auth revision, so the revision it
+        # happened at tells an off-and-on-again apart from no change.
+        self.enabled_revision = self._cur.execute(
+            "UPDATE auth_meta SET enabled = %s,"
+            " enabled_revision = CASE WHEN %s THEN revision ELSE enabled_revision END"
+            " RETURNING enabled_revision", (enabled, enabled),
+        ).fetchone()[0]
+
+    def set_revision(self, revision: int) -> None:
+        self._cur.execute("UPDATE auth_meta SET revision = %s", (revision,))
 
 
 def _signed(v: int) -> int:
@@ -144,6 +268,8 @@ class PgOptions:
     compaction_batch_limit: int = 1000
     """Revisions whose dead rows one compaction transaction deletes."""
     compaction_sleep: float = 0.01
+    bcrypt_cost: int = DEFAULT_BCRYPT_COST
+    """Cost of the bcrypt hashing of auth passwords."""
 
 
 @dataclass
@@ -159,6 +285,7 @@ class _Batch:
     changes: Changes = field(default_factory=list)
     jobs: list = field(default_factory=list)
     view: WriteView | None = None
+    auth: _PgAuthWrites | None = None
 
     def has_alarm(self, alarm: int) -> bool:
         return any(a == alarm for _, a in self.alarms)
@@ -178,7 +305,7 @@ class _Deferred:
         self.future: Future = Future()
 
 
-class PgEngine(Admission):
+class PgEngine(Admission, AuthAdmin):
     """An etcd-semantics MVCC engine on a PostgreSQL schema.
 
     Thread-safe.  Use :func:`mvcckv.pg.open`.  Several engines (in one
@@ -210,6 +337,17 @@ class PgEngine(Admission):
         self._jobs: queue.Queue = queue.Queue()
         self._expire_pending = False
         self._compaction_queued = 0
+        self._auth = AuthStore(bcrypt_cost=self.options.bcrypt_cost, kv_revision=lambda: self.revision)
+        # Held while the auth state is replaced, and by the writer from its
+        # first look at the auth tables until its batch commits or rolls
+        # back; never while waiting for a pooled connection.
+        self._auth_mu = threading.Lock()
+        # auth_meta.enabled_revision as of the local state.
+        self._auth_enabled_revision = 0
+        # Writer thread: (state before the batch, the batch's writes) while
+        # it holds _auth_mu.
+        self._auth_batch: tuple | None = None
+        self._pool = None
         where = f"PostgreSQL at {describe_dsn(dsn)}, schema {schema}"
         try:
             with self._connect("setup") as conn:
@@ -217,7 +355,7 @@ class PgEngine(Admission):
                 self._refresh(conn.cursor())
             self._feed = ChangeFeed(
                 lambda: self._connect("listen"), channel(schema), self._emit, self._saw_compaction,
-                poll_interval=self.options.poll_interval,
+                poll_interval=self.options.poll_interval, on_auth=self._heard_auth,
             )
             self._feed.start()
         except SchemaError as e:
@@ -226,8 +364,15 @@ class PgEngine(Admission):
             raise ConnectError(f"{where}: {_one_line(e)}") from None
         try:
             self._pool = self._make_pool()
+            # After LISTEN (feed.start): a change committed from here on is
+            # notified, one committed before is read now.
+            rows = self._pooled(_read_auth)
+            self._auth.load(rows.enabled, rows.revision, rows.users, rows.roles)
+            self._auth_enabled_revision = rows.enabled_revision
         except BaseException:
             self._feed.stop()
+            if self._pool is not None:
+                self._pool.close()
             raise
         self._writer = threading.Thread(target=self._run_writer, name="mvcckv-pg-writer", daemon=True)
         self._background = threading.Thread(target=self._run_background, name="mvcckv-pg-background", daemon=True)
@@ -339,8 +484,13 @@ class PgEngine(Admission):
         return self.propose(KIND_TXN, req).result()
 
     def _read_view(self, cur) -> ReadView:
-        revision, compact = cur.execute("SELECT revision, compact_revision FROM meta").fetchone()
+        revision, compact, auth = cur.execute(_READ_META).fetchone()
         self._saw_compaction(compact)
+        if auth > self._auth.generation:
+            # Another process changed auth: take its state from this
+            # read's snapshot, so the server sees the auth revision move
+            # and withdraws a read it checked against the old one.
+            self._install_auth(_read_auth(cur))
         return ReadView(cur, revision, compact)
 
     def get_kv(self, key: bytes, revision: int = 0) -> kv_pb2.KeyValue | None:
@@ -376,20 +526,30 @@ class PgEngine(Admission):
     # ------------------------------------------------------------------
     # writes
 
-    def propose(self, kind: int, req) -> Future:
+    def propose(self, kind: int, req, auth_revision: int = 0) -> Future:
         """Admit and queue a write; the future resolves to its response.
 
         Raises the request's error at once when it fails a static check; a
         request over the space quota gets a future that fails once the
-        NOSPACE alarm it raised is applied (``admission.py``).
+        NOSPACE alarm it raised is applied (``admission.py``).  A non-zero
+        ``auth_revision`` is the auth revision the server checked the
+        request at: if auth is on and the database's auth revision has
+        moved past it when the request is applied, it fails with
+        AuthOldRevisionError.  UserAdd and UserChangePassword must come
+        through ``AuthStore.prepare`` (no plain-text password is stored).
         """
         self._check_open()
         refused = self._admit(kind, req)
         if refused is not None:
             return refused
+        if kind in _PASSWORD_KINDS and req.password:
+            raise ValueError("a password must be hashed (AuthStore.prepare) before the request is proposed")
         self._check_size(req.ByteSize())
         fut: Future = Future()
-        self._queue.put((kind, req, fut))
+        if auth_revision:
+            self._queue.put((kind | _AUTHORIZED, _Authorized(auth_revision, req), fut))
+        else:
+            self._queue.put((kind, req, fut))
         return fut
 
     def new_lease_request(self, ttl: int, lease_id: int = 0) -> pb.LeaseGrantRequest:
@@ -414,6 +574,7 @@ class PgEngine(Admission):
                 conn = self._write_batch(conn, batch)
             except BaseException as e:  # noqa: BLE001 - answer the callers, keep writing
                 log.exception("write batch failed")
+                self._end_auth(committed=False)
                 self._fail(batch, e)
                 conn = _close(conn)
             if stop:
@@ -453,16 +614,29 @@ class PgEngine(Admission):
                 conn.commit()
             except _CONNECTION_ERRORS as e:
                 _close(conn)
+                # Possibly committed after all: forget the batch's auth
+                # changes and let the next look at the table decide.
+                self._end_auth(committed=False)
                 self._fail(batch, UnavailableError(f"the write may or may not have been applied: {_one_line(e)}"))
                 return None
+            self._end_auth(committed=True)
             self._after_commit(state)
             return conn
         return None
 
     def _apply_batch(self, conn: psycopg.Connection, batch) -> _Batch:
+        try:
+            return self._apply_batch_locked(conn, batch)
+        except BaseException:
+            self._end_auth(committed=False)
+            raise
+
+    def _apply_batch_locked(self, conn: psycopg.Connection, batch) -> _Batch:
         cur = conn.cursor()
         current, compact, finished, alarms = cur.execute(_LOCK_META).fetchone()
         state = _Batch(current, current, compact, finished, {(_unsigned(m), a) for m, a in alarms})
+        if any(_touches_auth(kind) for kind, _, _ in batch):
+            self._begin_auth(cur, state)
         for kind, req, fut in batch:
             state.view = None
             try:
@@ -554,7 +728,100 @@ class PgEngine(Admission):
             return resp
         if kind == _EXPIRE:
             return self._expire(cur, state)
+        if kind in _AUTH_KINDS:
+            resp = self._auth.apply_writes(kind, req, state.auth)
+            resp.header.revision = state.current
+            return resp
+        if kind > 0 and kind & _AUTHORIZED:
+            # The local auth state is the database's here (_begin_auth).
+            self._auth.check_revision(req.revision)
+            return self._apply(cur, state, kind & ~_AUTHORIZED, req.request)
         raise errors.StorageError(f"unknown request kind {kind}")
+
+    # ------------------------------------------------------------------
+    # auth
+
+    @property
+    def auth(self) -> AuthStore:
+        """The auth store: state, password and permission checks."""
+        return self._auth
+
+    def _auth_view(self) -> AuthStore:
+        """The auth store, up to date with the database (one round trip)."""
+        self._check_open()
+        self._refresh_auth()
+        return self._auth
+
+    def _refresh_auth(self) -> None:
+        local = self._auth.generation
+
+        def read(cur):
+            return _read_auth(cur) if cur.execute(_AUTH_GENERATION).fetchone()[0] > local else None
+
+        rows = self._pooled(read)
+        if rows is not None:
+            self._install_auth(rows)
+
+    def _heard_auth(self, generation: int) -> None:
+        """The change feed's news of an auth change (listener thread)."""
+        if generation <= self._auth.generation or self._pool is None or self._closed:
+            return
+        try:
+            self._refresh_auth()
+        except (errors.MvccError, psycopg.Error) as e:
+            # The next catch-up of the feed, or the next read, tries again.
+            log.warning("could not reload the auth state: %s", _one_line(e))
+
+    def _install_auth(self, rows: _AuthRows) -> None:
+        """Install a committed auth state, unless ours is as new."""
+        with self._auth_mu:
+            if rows.generation > self._auth.generation:
+                self._replace_auth(rows)
+
+    def _replace_auth(self, rows: _AuthRows) -> None:
+        # Held: _auth_mu.
+        reenabled = rows.enabled_revision != self._auth_enabled_revision
+        self._auth.reload(rows.enabled, rows.revision, rows.users, rows.roles, reenabled=reenabled)
+        self._auth_enabled_revision = rows.enabled_revision
+
+    def _begin_auth(self, cur, state: _Batch) -> None:
+        """Writer thread, revision lock held: make the local auth state the
+        database's and keep it until the batch ends (:meth:`_end_auth`).
+
+        Every auth change takes the revision lock first, so what this reads
+        now stays the database's auth state until this transaction ends; no
+        lock on ``auth_meta`` itself is needed.  (READ COMMITTED: this
+        statement, run after the lock was granted, sees every commit made
+        before it.)
+        """
+        self._auth_mu.acquire()
+        try:
+            meta = cur.execute(_AUTH_META).fetchone()
+            enabled, revision, enabled_revision = meta
+            auth = self._auth
+            if (2 * revision + enabled, enabled_revision) != (auth.generation, self._auth_enabled_revision):
+                self._replace_auth(_read_auth(cur, meta))
+        except BaseException:
+            self._auth_mu.release()
+            raise
+        state.auth = _PgAuthWrites(cur)
+        self._auth_batch = (self._auth.save(), state.auth)
+
+    def _end_auth(self, *, committed: bool) -> None:
+        """Writer thread: announce the batch's auth changes, or undo them
+        if its transaction did not commit; let go of the auth state."""
+        if self._auth_batch is None:
+            return
+        (saved, writes), self._auth_batch = self._auth_batch, None
+        try:
+            if committed:
+                if writes.enabled_revision is not None:
+                    self._auth_enabled_revision = writes.enabled_revision
+                self._auth.committed()
+            else:
+                self._auth.rollback(saved)
+        finally:
+            self._auth_mu.release()
 
     def _end(self, state: _Batch, view: WriteView) -> None:
         if view.changes:
@@ -950,7 +1217,8 @@ class PgEngine(Admission):
         try:
             with self._connect("defrag") as conn:
                 before = conn.execute(_SIZE).fetchone()[0]
-                for table in ("config", "key_lease", "lease", "meta", "lessor", "alarm", "compaction_hash"):
+                for table in ("config", "key_lease", "lease", "meta", "lessor", "alarm", "compaction_hash",
+                              "auth_meta", "auth_user", "auth_role"):
                     conn.execute(f"VACUUM (ANALYZE) {table}")
                 return before, conn.execute(_SIZE).fetchone()[0]
         except _CONNECTION_ERRORS as e:

@@ -23,6 +23,11 @@ reconnect (step 1) reads them from the table instead.  Every
 table's revision with its own, so even a notification lost some other way
 is late by at most that long.
 
+Auth changes (``{"auth": generation}``, schema.py) are passed to
+``on_auth`` as they arrive, and every catch-up (reconnect, idle poll)
+passes the table's current generation too, so an auth change whose
+notification was lost is heard of within ``poll_interval`` as well.
+
 The local writer hands its own committed revisions to :meth:`deliver`
 before answering its callers, so a client never learns of a revision its
 watchers have not been given (etcd's progress guarantee); the listener's
@@ -99,7 +104,8 @@ class ChangeFeed:
 
     ``connect()`` opens an autocommit connection; ``emit(changes)`` is
     called with the feed's lock held, in revision order; ``on_compact(rev)``
-    hears of compactions done by any process.
+    hears of compactions done by any process, ``on_auth(generation)`` of
+    auth changes (on the listener thread, without the feed's lock).
     """
 
     def __init__(
@@ -110,11 +116,13 @@ class ChangeFeed:
         on_compact: Callable[[int], None],
         *,
         poll_interval: float = 1.0,
+        on_auth: Callable[[int], None] = lambda generation: None,
     ):
         self._connect = connect
         self._channel = channel
         self._emit = emit
         self._on_compact = on_compact
+        self._on_auth = on_auth
         self.poll_interval = poll_interval
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -183,8 +191,11 @@ class ChangeFeed:
 
     def catch_up(self, cur) -> None:
         """Deliver everything committed after the last delivered revision."""
-        revision, compact = cur.execute("SELECT revision, compact_revision FROM meta").fetchone()
+        revision, compact, auth = cur.execute(
+            "SELECT revision, compact_revision, (SELECT 2 * revision + enabled::int FROM auth_meta) FROM meta"
+        ).fetchone()
         self._on_compact(compact)
+        self._on_auth(auth)
         with self._lock:
             if revision <= self.last:
                 return
@@ -235,6 +246,8 @@ class ChangeFeed:
             if "end" in payload:
                 self._on_compact(payload["compact"])
                 self._commit(conn, payload["end"])
+            elif "auth" in payload:
+                self._on_auth(payload["auth"])
             elif payload["revision"] > self.last:
                 self._pending.setdefault(payload["revision"], []).append(payload)
 

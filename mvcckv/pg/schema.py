@@ -32,6 +32,15 @@ extended until etcd's semantics hold exactly:
             database that outlives its servers).
 ``alarm``, ``compaction_hash``  etcd's alarm bucket and the HashKV values
             recorded at compaction time (§7.1 step 5e).
+``auth_meta`` one row: auth on or off and the auth revision (the LMDB
+            engine's ``authEnabled`` / ``authRevision``), and
+            ``enabled_revision``, the auth revision auth was last turned on
+            at, so another process can tell that auth went off and on again
+            while it was not looking (etcd drops every token on a disable).
+``auth_user``, ``auth_role``  name -> encoded ``authpb.User`` /
+            ``authpb.Role``, byte for byte what the LMDB engine stores.
+            Written only by a transaction holding the ``meta`` row lock, so
+            auth changes are serialised with every other write.
 
 Notifications (one channel per schema, :func:`channel`):
 
@@ -41,7 +50,10 @@ Notifications (one channel per schema, :func:`channel`):
 * a ``{"end": revision, "compact": compact_revision}`` marker from the
   ``meta`` update that ends every writing transaction, after its rows.
   The listener hands a revision to watchers once it has seen the marker
-  covering it, so a transaction's events are never delivered in part.
+  covering it, so a transaction's events are never delivered in part;
+* ``{"auth": generation}`` from every ``auth_meta`` update (every auth
+  change), generation being ``2 * revision + enabled``, which grows with
+  every change, enable included: other processes reload their auth state.
 
 Migrations run in one transaction under an advisory lock, so several
 servers starting at once on an empty database create the schema once.
@@ -56,7 +68,7 @@ from psycopg import sql
 
 from mvcckv.pg.errors import SchemaError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # Used in identifiers and in the server's search_path option, so kept to
 # characters that need no quoting anywhere; short enough for the channel.
@@ -145,6 +157,29 @@ _MIGRATIONS: dict[int, list[str]] = {
         CREATE TRIGGER notify_commit AFTER UPDATE ON meta FOR EACH ROW
             WHEN (OLD.revision <> NEW.revision OR OLD.compact_revision <> NEW.compact_revision)
             EXECUTE FUNCTION notify_commit('{channel}')""",
+    ],
+    2: [
+        """
+        CREATE TABLE auth_meta (
+            id boolean PRIMARY KEY DEFAULT true CHECK (id),
+            enabled boolean NOT NULL DEFAULT false,
+            revision bigint NOT NULL DEFAULT 1,
+            enabled_revision bigint NOT NULL DEFAULT 0
+        )""",
+        "INSERT INTO auth_meta DEFAULT VALUES",
+        "CREATE TABLE auth_user (name bytea PRIMARY KEY, data bytea NOT NULL)",
+        "CREATE TABLE auth_role (name bytea PRIMARY KEY, data bytea NOT NULL)",
+        """
+        CREATE FUNCTION notify_auth_change() RETURNS trigger
+        LANGUAGE plpgsql AS $$
+        BEGIN
+            PERFORM pg_notify(TG_ARGV[0], json_build_object(
+                'auth', 2 * NEW.revision + NEW.enabled::int)::text);
+            RETURN NULL;
+        END $$""",
+        """
+        CREATE TRIGGER notify_auth_change AFTER UPDATE ON auth_meta FOR EACH ROW
+            EXECUTE FUNCTION notify_auth_change('{channel}')""",
     ],
 }
 

@@ -39,6 +39,7 @@ def open_node(config: Config) -> Node:
         return PgEngine(config.backend, PgOptions(
             schema=schema, quota_bytes=app.quota_bytes(config), max_txn_ops=config.max_txn_ops,
             max_request_bytes=config.max_request_bytes, member_id=member,
+            bcrypt_cost=config.bcrypt_cost,
         ))
 
     return app.settle_node(config, open_engine, f"schema {schema}")

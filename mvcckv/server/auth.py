@@ -54,16 +54,10 @@ class AuthServicer(rpc_pb2_grpc.AuthServicer):
         self._guard = guard
 
     async def _admin_write(self, kind: int, request, context, *, slow: bool = False):
-        if not self._guard.supported:
-            raise errors.AuthUnsupportedError()
         rev = self._guard.admin(context)
         if slow:
             request = await asyncio.to_thread(self._auth.prepare, kind, request)
-        if rev:
-            fut = self._store.propose(kind, request, auth_revision=rev)
-        else:
-            fut = self._store.propose(kind, request)
-        resp = await asyncio.wrap_future(fut)
+        resp = await asyncio.wrap_future(self._store.propose(kind, request, auth_revision=rev))
         self._node.fill(resp.header)
         return resp
 

@@ -59,9 +59,7 @@ class Guard:
 
     def __init__(self, store, tokens: TokenProvider, *, cert_auth: bool = False):
         self._store = store
-        auth = getattr(store, "auth", None)
-        self.supported = auth is not None
-        self.auth = self._auth = auth if auth is not None else _NoAuthStore()
+        self.auth = self._auth = store.auth
         self.tokens = tokens
         self._cert_auth = cert_auth
 
@@ -261,39 +259,3 @@ class Guard:
 
 _NOBODY = AuthInfo("", 0)
 
-
-class _NoAuthStore:
-    """The auth store of an engine that has none (the PostgreSQL engine):
-    auth is off, every check passes, and it cannot be turned on."""
-
-    enabled = False
-    revision = 1  # a fresh etcd's
-
-    def status(self) -> pb.AuthStatusResponse:
-        return pb.AuthStatusResponse(enabled=False, authRevision=self.revision)
-
-    def check_password(self, name: str, password: str) -> int:
-        raise errors.AuthNotEnabledError()
-
-    def check_admin(self, info) -> None:
-        pass
-
-    def check_range(self, info, key: bytes, range_end: bytes) -> None:
-        pass
-
-    def check_put(self, info, key: bytes) -> None:
-        pass
-
-    def check_delete_range(self, info, key: bytes, range_end: bytes) -> None:
-        pass
-
-    def has_role(self, user: str, role: str) -> bool:
-        return False
-
-    def add_listener(self, fn) -> None:
-        pass
-
-    def _unsupported(self, *args):
-        raise errors.AuthUnsupportedError()
-
-    user_get = user_list = role_get = role_list = prepare = _unsupported

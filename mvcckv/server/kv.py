@@ -43,11 +43,7 @@ class KVServicer(rpc_pb2_grpc.KVServicer):
         return resp
 
     async def _write(self, kind: int, request, checked: int = 0):
-        if checked:
-            fut = self._store.propose(kind, request, auth_revision=checked)
-        else:
-            fut = self._store.propose(kind, request)
-        resp = await asyncio.wrap_future(fut)
+        resp = await asyncio.wrap_future(self._store.propose(kind, request, auth_revision=checked))
         self._node.fill(resp.header)
         return resp
 

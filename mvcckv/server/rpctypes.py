@@ -124,8 +124,6 @@ CODES: dict[type[errors.MvccError], grpc.StatusCode] = {
     errors.AuthOldRevisionError: Code.INVALID_ARGUMENT,
     errors.InvalidAuthTokenError: Code.UNAUTHENTICATED,
     errors.InvalidAuthMgmtError: Code.INVALID_ARGUMENT,
-    # UNIMPLEMENTED tells a client that retrying cannot help.
-    errors.AuthUnsupportedError: Code.UNIMPLEMENTED,
     # Not in etcd's table: etcd answers them Unknown with their own text.
     errors.NoPasswordUserError: Code.UNKNOWN,
     errors.PasswordTooLongError: Code.UNKNOWN,
