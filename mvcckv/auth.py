@@ -635,6 +635,13 @@ class AuthStore:
         if self._enabled and revision < self._state.revision:
             raise errors.AuthOldRevisionError()
 
+    def check_still_off(self) -> None:
+        """At apply time, for a request the server let through because auth
+        was off: refuse it if auth has been turned on since, as etcd's
+        applier refuses a request whose header names no user."""
+        if self._enabled:
+            raise errors.UserEmptyError()
+
     def apply(self, kind: int, req, txn, dbs):
         """Apply one logged auth request in the LMDB transaction ``txn``;
         its response (header not filled).  Deterministic; a request that

@@ -43,6 +43,35 @@ KIND_AUTH_ROLE_GRANT_PERMISSION = 18
 KIND_AUTH_ROLE_REVOKE_PERMISSION = 19
 
 
+# Requests whose plain-text password must be hashed away before logging
+# (``AuthStore.prepare``).
+PASSWORD_KINDS = frozenset((KIND_AUTH_USER_ADD, KIND_AUTH_USER_CHANGE_PASSWORD))
+
+# ``propose(..., auth_revision=AUTH_OFF)``: the server let the request
+# through because auth was off.  If auth is on by the time it is applied,
+# it fails as a request without a user does (etcd's applier sees an empty
+# user in its header and refuses it).
+AUTH_OFF = -1
+
+# Flags on a proposal's kind (and WAL record type) saying how the server
+# checked it: AUTHORIZED_FLAG at some auth revision (logged with it, 8 bytes
+# BE before the request), AUTH_OFF_FLAG with auth off (nothing extra), so a
+# replay refuses exactly what the live engine refused.
+AUTHORIZED_FLAG = 0x80
+AUTH_OFF_FLAG = 0x40
+
+
+class Authorized:
+    """A request checked by the server at auth ``revision`` (queued and
+    applied in place of the request itself)."""
+
+    __slots__ = ("revision", "request")
+
+    def __init__(self, revision: int, request):
+        self.revision = revision
+        self.request = request
+
+
 @runtime_checkable
 class Engine(Protocol):
     """An etcd-semantics MVCC key-value engine."""

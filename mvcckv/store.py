@@ -79,6 +79,9 @@ from mvcckv.backend import (
 from mvcckv.hash import HASH_HISTORY, KeyValueHash, KVHasher
 from mvcckv.index import RevisionNotFoundError, TreeIndex
 from mvcckv.kv import (
+    AUTH_OFF,
+    AUTH_OFF_FLAG,
+    AUTHORIZED_FLAG,
     KIND_ALARM,
     KIND_AUTH_DISABLE,
     KIND_AUTH_ENABLE,
@@ -98,6 +101,8 @@ from mvcckv.kv import (
     KIND_LEASE_REVOKE,
     KIND_PUT,
     KIND_TXN,
+    PASSWORD_KINDS,
+    Authorized,
     fail,
     settle,
     take_batch,
@@ -134,36 +139,18 @@ _REQUEST_TYPES = {
 }
 _FIRST_AUTH_KIND = KIND_AUTH_ENABLE
 _LAST_AUTH_KIND = KIND_AUTH_ROLE_REVOKE_PERMISSION
-# Requests whose plain-text password must be hashed away before logging.
-_PASSWORD_KINDS = frozenset((KIND_AUTH_USER_ADD, KIND_AUTH_USER_CHANGE_PASSWORD))
-
-# A request the server authorized at some auth revision is logged with this
-# bit set on its record type and that revision (8 bytes BE) before the
-# request's bytes, so that replay refuses it exactly when the live store did.
-_AUTHORIZED = 0x80
-
-
-class _Authorized:
-    """A request checked by the server at auth ``revision`` (queued and
-    applied in place of the request itself)."""
-
-    __slots__ = ("revision", "request")
-
-    def __init__(self, revision: int, request):
-        self.revision = revision
-        self.request = request
-
 
 def _authorized_decoder(parse):
     def decode(payload: bytes) -> _Authorized:
-        return _Authorized(decode_u64(payload[:8]), parse(payload[8:]))
+        return Authorized(decode_u64(payload[:8]), parse(payload[8:]))
 
     return decode
 
 
 # WAL record type -> parser of its payload.
 _DECODERS = {kind: cls.FromString for kind, cls in _REQUEST_TYPES.items()}
-_DECODERS.update({kind | _AUTHORIZED: _authorized_decoder(cls.FromString) for kind, cls in _REQUEST_TYPES.items()})
+_DECODERS.update({kind | AUTHORIZED_FLAG: _authorized_decoder(cls.FromString) for kind, cls in _REQUEST_TYPES.items()})
+_DECODERS.update({kind | AUTH_OFF_FLAG: cls.FromString for kind, cls in _REQUEST_TYPES.items()})
 
 
 _MAX_BATCH = 512
@@ -462,9 +449,11 @@ class Store(Admission, AuthAdmin):
 
         Raises the request's error at once when it fails a static check
         (see ``admission.py``, also for requests over the space quota).
-        A non-zero ``auth_revision`` is the auth revision the server checked
+        A positive ``auth_revision`` is the auth revision the server checked
         the request's permissions at: if auth is on and has changed since
         when the request is applied, it fails with AuthOldRevisionError.
+        ``AUTH_OFF`` says the server let it through with auth off: if auth
+        is on when it is applied, it fails with UserEmptyError.
         UserAdd and UserChangePassword must come through
         ``AuthStore.prepare`` (no plain-text password is ever logged).
         """
@@ -472,14 +461,16 @@ class Store(Admission, AuthAdmin):
         refused = self._admit(kind, req)
         if refused is not None:
             return refused
-        if kind in _PASSWORD_KINDS and req.password:
+        if kind in PASSWORD_KINDS and req.password:
             raise ValueError("a password must be hashed (AuthStore.prepare) before the request is proposed")
         data = req.SerializeToString()
         self._check_size(len(data))
         fut: Future = Future()
-        if auth_revision:
+        if auth_revision > 0:
             logged = encode_u64(auth_revision) + data
-            self._queue.put((kind | _AUTHORIZED, logged, _Authorized(auth_revision, req), fut))
+            self._queue.put((kind | AUTHORIZED_FLAG, logged, Authorized(auth_revision, req), fut))
+        elif auth_revision == AUTH_OFF:
+            self._queue.put((kind | AUTH_OFF_FLAG, data, req, fut))
         else:
             self._queue.put((kind, data, req, fut))
         return fut
@@ -611,9 +602,12 @@ class Store(Admission, AuthAdmin):
             resp = self._auth.apply(kind, req, txn, self._backend.dbs)
             resp.header.revision = self._current
             return resp
-        elif kind & _AUTHORIZED:
+        elif kind & AUTHORIZED_FLAG:
             self._auth.check_revision(req.revision)
-            return self._apply(txn, kind & ~_AUTHORIZED, req.request, changes)
+            return self._apply(txn, kind & ~AUTHORIZED_FLAG, req.request, changes)
+        elif kind & AUTH_OFF_FLAG:
+            self._auth.check_still_off()
+            return self._apply(txn, kind & ~AUTH_OFF_FLAG, req, changes)
         else:
             raise errors.StorageError(f"unknown WAL record type {kind}")
         view.end()

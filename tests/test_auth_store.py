@@ -29,6 +29,7 @@ from mvcckv import errors
 from mvcckv.auth import READ, READWRITE, WRITE, AuthInfo
 from mvcckv.backend import AUTH, AUTH_ROLES, AUTH_USERS
 from mvcckv.kv import (
+    AUTH_OFF,
     KIND_AUTH_ROLE_ADD,
     KIND_AUTH_ROLE_GRANT_PERMISSION,
     KIND_AUTH_USER_ADD,
@@ -726,6 +727,18 @@ def test_a_write_authorized_before_an_auth_change_is_refused_at_apply(store, ali
     store.auth_disable()
     store.propose(KIND_PUT, pb.PutRequest(key=b"c", value=b"4"), auth_revision=1).result()
     assert store.get(b"c").value == b"4"
+    store.propose(KIND_PUT, pb.PutRequest(key=b"c", value=b"5"), auth_revision=AUTH_OFF).result()
+    assert store.get(b"c").value == b"5"
+    # ... but a write let through with auth off is refused once auth is on,
+    # as etcd's applier refuses a request whose header names no user
+    store.auth_enable()
+    kv_revision = store.revision
+    with pytest.raises(errors.UserEmptyError):
+        store.propose(KIND_PUT, pb.PutRequest(key=b"c", value=b"6"), auth_revision=AUTH_OFF).result()
+    with pytest.raises(errors.UserEmptyError):
+        store.propose(KIND_AUTH_ROLE_ADD, pb.AuthRoleAddRequest(name="sneaky"), auth_revision=AUTH_OFF).result()
+    assert store.revision == kv_revision and store.get(b"c").value == b"5"
+    assert "sneaky" not in store.role_list().roles
 
 
 # -- listeners ------------------------------------------------------------------------------------
@@ -815,6 +828,15 @@ _CHILD = textwrap.dedent(
     except Exception as e:
         print(type(e).__name__, flush=True)
     store.propose(1, pb.PutRequest(key=b"accepted", value=b"v"), auth_revision=store.auth.revision).result()
+    # A put the server let through with auth off, queued behind an enable.
+    store.auth_disable()
+    enabling = store.propose(9, pb.AuthEnableRequest(), auth_revision=-1)
+    raced = store.propose(1, pb.PutRequest(key=b"raced", value=b"v"), auth_revision=-1)
+    enabling.result()
+    try:
+        raced.result()
+    except Exception as e:
+        print(type(e).__name__, flush=True)
     print(store.auth.revision, store.revision, flush=True)
     os.kill(os.getpid(), signal.SIGKILL)
     """
@@ -835,8 +857,9 @@ def test_auth_survives_a_kill_through_wal_replay(tmp_path):
         cwd=REPO, capture_output=True, text=True, timeout=120,
     )
     assert out.returncode == -signal.SIGKILL, out.stderr
-    refused, counts = out.stdout.splitlines()
+    refused, raced, counts = out.stdout.splitlines()
     assert refused == "AuthOldRevisionError"
+    assert raced == "UserEmptyError"
     auth_revision, kv_revision = map(int, counts.split())
 
     as_left = tmp_path / "as-left"
@@ -850,6 +873,7 @@ def test_auth_survives_a_kill_through_wal_replay(tmp_path):
         with open_store(d) as s:
             assert s.auth.revision == auth_revision and s.revision == kv_revision
             assert s.get(b"refused") is None and s.get(b"accepted").value == b"v"
+            assert s.get(b"raced") is None and s.auth.enabled
             states.append((snapshot_of(s), s.hash()))
             expected = snapshot_of(s)
             check_state(s, expected)

@@ -24,7 +24,7 @@ import mvcckv.pg
 from harness import EtcdctlError, MvcckvProcess, find_binary
 from mvcckv import errors
 from mvcckv.auth import AuthInfo
-from mvcckv.kv import KIND_AUTH_ROLE_ADD, KIND_AUTH_USER_ADD, KIND_AUTH_USER_DELETE, KIND_PUT
+from mvcckv.kv import AUTH_OFF, KIND_AUTH_ENABLE, KIND_AUTH_ROLE_ADD, KIND_AUTH_USER_ADD, KIND_AUTH_USER_DELETE, KIND_PUT
 from mvcckv.pb import auth_pb2
 from mvcckv.pb import rpc_pb2 as pb
 
@@ -173,6 +173,16 @@ def test_request_checked_at_an_old_auth_revision_is_refused_at_apply(open_pg):
     store.auth_disable()
     store.propose(KIND_PUT, pb.PutRequest(key=b"a3", value=b"v"), auth_revision=checked).result()
     assert store.get(b"a3").value == b"v"
+    store.propose(KIND_PUT, pb.PutRequest(key=b"a4", value=b"v"), auth_revision=AUTH_OFF).result()
+    assert store.get(b"a4").value == b"v"
+    # A write let through with auth off, applied after auth came on: refused
+    # as user-less (etcd's applier), on this engine as on LMDB.
+    enabling = store.propose(KIND_AUTH_ENABLE, pb.AuthEnableRequest(), auth_revision=AUTH_OFF)
+    raced = store.propose(KIND_PUT, pb.PutRequest(key=b"a5", value=b"v"), auth_revision=AUTH_OFF)
+    enabling.result()
+    with pytest.raises(errors.UserEmptyError):
+        raced.result()
+    assert store.get(b"a5") is None and store.auth.enabled
 
 
 def test_plain_text_passwords_are_never_proposed(open_pg):

@@ -101,6 +101,9 @@ from mvcckv.backend import (
 )
 from mvcckv.hash import KeyValueHash
 from mvcckv.kv import (
+    AUTH_OFF,
+    AUTH_OFF_FLAG,
+    AUTHORIZED_FLAG,
     KIND_ALARM,
     KIND_AUTH_DISABLE,
     KIND_AUTH_ENABLE,
@@ -120,6 +123,8 @@ from mvcckv.kv import (
     KIND_LEASE_REVOKE,
     KIND_PUT,
     KIND_TXN,
+    PASSWORD_KINDS,
+    Authorized,
     fail,
     settle,
     take_batch,
@@ -134,7 +139,7 @@ from mvcckv.pg.schema import channel, check_schema_name, migrate
 from mvcckv.pg.view import ReadView, WriteView, range_at
 from mvcckv.revision import to_bytes
 from mvcckv.admission import DEFAULT_MAX_REQUEST_BYTES, DEFAULT_MAX_TXN_OPS, Admission
-from mvcckv.store import _AUTHORIZED, _PASSWORD_KINDS, Store, StoreStatus, _Authorized
+from mvcckv.store import Store, StoreStatus
 
 log = logging.getLogger("mvcckv.pg")
 
@@ -167,7 +172,12 @@ _READ_META = f"SELECT revision, compact_revision, ({_AUTH_GENERATION}) FROM meta
 
 def _touches_auth(kind: int) -> bool:
     """Whether a batch item changes auth or must be checked against it."""
-    return kind in _AUTH_KINDS or (kind > 0 and bool(kind & _AUTHORIZED))
+    # A key-value write let through with auth off (AUTH_OFF_FLAG) is checked
+    # against this process's view only: reading the database's auth state
+    # for every write while auth is off would cost a round trip per batch.
+    if kind <= 0:
+        return False
+    return (kind & ~AUTH_OFF_FLAG) in _AUTH_KINDS or bool(kind & AUTHORIZED_FLAG)
 
 
 @dataclass(frozen=True)
@@ -542,12 +552,14 @@ class PgEngine(Admission, AuthAdmin):
         refused = self._admit(kind, req)
         if refused is not None:
             return refused
-        if kind in _PASSWORD_KINDS and req.password:
+        if kind in PASSWORD_KINDS and req.password:
             raise ValueError("a password must be hashed (AuthStore.prepare) before the request is proposed")
         self._check_size(req.ByteSize())
         fut: Future = Future()
-        if auth_revision:
-            self._queue.put((kind | _AUTHORIZED, _Authorized(auth_revision, req), fut))
+        if auth_revision > 0:
+            self._queue.put((kind | AUTHORIZED_FLAG, Authorized(auth_revision, req), fut))
+        elif auth_revision == AUTH_OFF:
+            self._queue.put((kind | AUTH_OFF_FLAG, req, fut))
         else:
             self._queue.put((kind, req, fut))
         return fut
@@ -732,10 +744,13 @@ class PgEngine(Admission, AuthAdmin):
             resp = self._auth.apply_writes(kind, req, state.auth)
             resp.header.revision = state.current
             return resp
-        if kind > 0 and kind & _AUTHORIZED:
+        if kind > 0 and kind & AUTHORIZED_FLAG:
             # The local auth state is the database's here (_begin_auth).
             self._auth.check_revision(req.revision)
-            return self._apply(cur, state, kind & ~_AUTHORIZED, req.request)
+            return self._apply(cur, state, kind & ~AUTHORIZED_FLAG, req.request)
+        if kind > 0 and kind & AUTH_OFF_FLAG:
+            self._auth.check_still_off()
+            return self._apply(cur, state, kind & ~AUTH_OFF_FLAG, req)
         raise errors.StorageError(f"unknown request kind {kind}")
 
     # ------------------------------------------------------------------

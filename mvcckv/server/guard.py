@@ -40,13 +40,16 @@ while the read ran, the answer is withdrawn (``revision of auth store is
 old``), as etcd's ``doSerialize`` does.  Writes are checked here, before
 they are logged, and carry the auth revision they were checked at into the
 engine, which refuses them at apply time if auth changed in between (etcd's
-applier does the same with the revision in the raft request header).
+applier does the same with the revision in the raft request header); a
+write let through with auth off carries ``AUTH_OFF`` instead, and is
+refused as user-less if auth was turned on before it was applied.
 """
 
 from __future__ import annotations
 
 from mvcckv import errors, validate
 from mvcckv.auth import AuthInfo
+from mvcckv.kv import AUTH_OFF
 from mvcckv.pb import rpc_pb2 as pb
 from mvcckv.server import tls
 from mvcckv.server.tokens import TokenProvider
@@ -116,7 +119,7 @@ class Guard:
     def admin(self, context) -> int:
         """The ``root`` role (etcd's ``IsAdminPermitted``)."""
         if not self._auth.enabled:
-            return 0
+            return AUTH_OFF
         info = self.info(context)
         self._auth.check_admin(info)
         return info.revision
@@ -162,7 +165,7 @@ class Guard:
 
     def put(self, context, req: pb.PutRequest) -> int:
         if not self._auth.enabled:
-            return 0
+            return AUTH_OFF
         validate.check_put(req)
         info = self._identity(context)
         self._check_put(info, req)
@@ -170,7 +173,7 @@ class Guard:
 
     def delete_range(self, context, req: pb.DeleteRangeRequest) -> int:
         if not self._auth.enabled:
-            return 0
+            return AUTH_OFF
         validate.check_delete(req)
         info = self._identity(context)
         self._check_delete(info, req)
@@ -178,7 +181,7 @@ class Guard:
 
     def txn(self, context, req: pb.TxnRequest) -> int:
         if not self._auth.enabled:
-            return 0
+            return AUTH_OFF
         validate.check_txn(req, self._store.options.max_txn_ops)
         info = self._identity(context)
         self._check_txn(info, req)
