@@ -43,6 +43,22 @@ KIND_AUTH_ROLE_GRANT_PERMISSION = 18
 KIND_AUTH_ROLE_REVOKE_PERMISSION = 19
 
 
+# The auth administration kinds and their request messages.
+AUTH_REQUEST_TYPES = {
+    KIND_AUTH_ENABLE: pb.AuthEnableRequest,
+    KIND_AUTH_DISABLE: pb.AuthDisableRequest,
+    KIND_AUTH_USER_ADD: pb.AuthUserAddRequest,
+    KIND_AUTH_USER_DELETE: pb.AuthUserDeleteRequest,
+    KIND_AUTH_USER_CHANGE_PASSWORD: pb.AuthUserChangePasswordRequest,
+    KIND_AUTH_USER_GRANT_ROLE: pb.AuthUserGrantRoleRequest,
+    KIND_AUTH_USER_REVOKE_ROLE: pb.AuthUserRevokeRoleRequest,
+    KIND_AUTH_ROLE_ADD: pb.AuthRoleAddRequest,
+    KIND_AUTH_ROLE_DELETE: pb.AuthRoleDeleteRequest,
+    KIND_AUTH_ROLE_GRANT_PERMISSION: pb.AuthRoleGrantPermissionRequest,
+    KIND_AUTH_ROLE_REVOKE_PERMISSION: pb.AuthRoleRevokePermissionRequest,
+}
+AUTH_KINDS = frozenset(AUTH_REQUEST_TYPES)
+
 # Requests whose plain-text password must be hashed away before logging
 # (``AuthStore.prepare``).
 PASSWORD_KINDS = frozenset((KIND_AUTH_USER_ADD, KIND_AUTH_USER_CHANGE_PASSWORD))

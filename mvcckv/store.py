@@ -79,21 +79,12 @@ from mvcckv.backend import (
 from mvcckv.hash import HASH_HISTORY, KeyValueHash, KVHasher
 from mvcckv.index import RevisionNotFoundError, TreeIndex
 from mvcckv.kv import (
+    AUTH_KINDS,
+    AUTH_REQUEST_TYPES,
     AUTH_OFF,
     AUTH_OFF_FLAG,
     AUTHORIZED_FLAG,
     KIND_ALARM,
-    KIND_AUTH_DISABLE,
-    KIND_AUTH_ENABLE,
-    KIND_AUTH_ROLE_ADD,
-    KIND_AUTH_ROLE_DELETE,
-    KIND_AUTH_ROLE_GRANT_PERMISSION,
-    KIND_AUTH_ROLE_REVOKE_PERMISSION,
-    KIND_AUTH_USER_ADD,
-    KIND_AUTH_USER_CHANGE_PASSWORD,
-    KIND_AUTH_USER_DELETE,
-    KIND_AUTH_USER_GRANT_ROLE,
-    KIND_AUTH_USER_REVOKE_ROLE,
     KIND_COMPACT,
     KIND_DELETE_RANGE,
     KIND_LEASE_CHECKPOINT,
@@ -125,23 +116,12 @@ _REQUEST_TYPES = {
     KIND_LEASE_GRANT: pb.LeaseGrantRequest,
     KIND_LEASE_REVOKE: pb.LeaseRevokeRequest,
     KIND_LEASE_CHECKPOINT: pb.LeaseCheckpointRequest,
-    KIND_AUTH_ENABLE: pb.AuthEnableRequest,
-    KIND_AUTH_DISABLE: pb.AuthDisableRequest,
-    KIND_AUTH_USER_ADD: pb.AuthUserAddRequest,
-    KIND_AUTH_USER_DELETE: pb.AuthUserDeleteRequest,
-    KIND_AUTH_USER_CHANGE_PASSWORD: pb.AuthUserChangePasswordRequest,
-    KIND_AUTH_USER_GRANT_ROLE: pb.AuthUserGrantRoleRequest,
-    KIND_AUTH_USER_REVOKE_ROLE: pb.AuthUserRevokeRoleRequest,
-    KIND_AUTH_ROLE_ADD: pb.AuthRoleAddRequest,
-    KIND_AUTH_ROLE_DELETE: pb.AuthRoleDeleteRequest,
-    KIND_AUTH_ROLE_GRANT_PERMISSION: pb.AuthRoleGrantPermissionRequest,
-    KIND_AUTH_ROLE_REVOKE_PERMISSION: pb.AuthRoleRevokePermissionRequest,
+    **AUTH_REQUEST_TYPES,
 }
-_FIRST_AUTH_KIND = KIND_AUTH_ENABLE
-_LAST_AUTH_KIND = KIND_AUTH_ROLE_REVOKE_PERMISSION
+
 
 def _authorized_decoder(parse):
-    def decode(payload: bytes) -> _Authorized:
+    def decode(payload: bytes) -> Authorized:
         return Authorized(decode_u64(payload[:8]), parse(payload[8:]))
 
     return decode
@@ -598,7 +578,7 @@ class Store(Admission, AuthAdmin):
             resp = self._apply_lease_revoke(view, txn, req)
         elif kind == KIND_LEASE_CHECKPOINT:
             return self._apply_lease_checkpoint(txn, req)
-        elif _FIRST_AUTH_KIND <= kind <= _LAST_AUTH_KIND:
+        elif kind in AUTH_KINDS:
             resp = self._auth.apply(kind, req, txn, self._backend.dbs)
             resp.header.revision = self._current
             return resp

@@ -101,21 +101,11 @@ from mvcckv.backend import (
 )
 from mvcckv.hash import KeyValueHash
 from mvcckv.kv import (
+    AUTH_KINDS,
     AUTH_OFF,
     AUTH_OFF_FLAG,
     AUTHORIZED_FLAG,
     KIND_ALARM,
-    KIND_AUTH_DISABLE,
-    KIND_AUTH_ENABLE,
-    KIND_AUTH_ROLE_ADD,
-    KIND_AUTH_ROLE_DELETE,
-    KIND_AUTH_ROLE_GRANT_PERMISSION,
-    KIND_AUTH_ROLE_REVOKE_PERMISSION,
-    KIND_AUTH_USER_ADD,
-    KIND_AUTH_USER_CHANGE_PASSWORD,
-    KIND_AUTH_USER_DELETE,
-    KIND_AUTH_USER_GRANT_ROLE,
-    KIND_AUTH_USER_REVOKE_ROLE,
     KIND_COMPACT,
     KIND_DELETE_RANGE,
     KIND_LEASE_CHECKPOINT,
@@ -158,12 +148,6 @@ _SIZE = """SELECT coalesce(sum(pg_total_relation_size(oid)), 0)::bigint FROM pg_
 
 _U64 = 1 << 64
 
-_AUTH_KINDS = frozenset((
-    KIND_AUTH_ENABLE, KIND_AUTH_DISABLE, KIND_AUTH_USER_ADD, KIND_AUTH_USER_DELETE,
-    KIND_AUTH_USER_CHANGE_PASSWORD, KIND_AUTH_USER_GRANT_ROLE, KIND_AUTH_USER_REVOKE_ROLE,
-    KIND_AUTH_ROLE_ADD, KIND_AUTH_ROLE_DELETE, KIND_AUTH_ROLE_GRANT_PERMISSION,
-    KIND_AUTH_ROLE_REVOKE_PERMISSION,
-))
 _AUTH_META = "SELECT enabled, revision, enabled_revision FROM auth_meta"
 # See schema.py: grows with every auth change, enable included.
 _AUTH_GENERATION = "SELECT 2 * revision + enabled::int FROM auth_meta"
@@ -177,7 +161,7 @@ def _touches_auth(kind: int) -> bool:
     # for every write while auth is off would cost a round trip per batch.
     if kind <= 0:
         return False
-    return (kind & ~AUTH_OFF_FLAG) in _AUTH_KINDS or bool(kind & AUTHORIZED_FLAG)
+    return (kind & ~AUTH_OFF_FLAG) in AUTH_KINDS or bool(kind & AUTHORIZED_FLAG)
 
 
 @dataclass(frozen=True)
@@ -740,7 +724,7 @@ class PgEngine(Admission, AuthAdmin):
             return resp
         if kind == _EXPIRE:
             return self._expire(cur, state)
-        if kind in _AUTH_KINDS:
+        if kind in AUTH_KINDS:
             resp = self._auth.apply_writes(kind, req, state.auth)
             resp.header.revision = state.current
             return resp

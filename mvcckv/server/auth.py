@@ -57,9 +57,7 @@ class AuthServicer(rpc_pb2_grpc.AuthServicer):
         rev = self._guard.admin(context)
         if slow:
             request = await asyncio.to_thread(self._auth.prepare, kind, request)
-        resp = await asyncio.wrap_future(self._store.propose(kind, request, auth_revision=rev))
-        self._node.fill(resp.header)
-        return resp
+        return await self._node.write(kind, request, rev)
 
     def _answer(self, resp):
         self._node.fill(resp.header)

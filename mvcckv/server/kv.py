@@ -42,31 +42,26 @@ class KVServicer(rpc_pb2_grpc.KVServicer):
         self._node.fill(resp.header)
         return resp
 
-    async def _write(self, kind: int, request, checked: int = 0):
-        resp = await asyncio.wrap_future(self._store.propose(kind, request, auth_revision=checked))
-        self._node.fill(resp.header)
-        return resp
-
     @rpc
     async def Range(self, request, context):
         return await self._read(self._store.range_request, request, self._guard.range(context, request))
 
     @rpc
     async def Put(self, request, context):
-        return await self._write(KIND_PUT, request, self._guard.put(context, request))
+        return await self._node.write(KIND_PUT, request, self._guard.put(context, request))
 
     @rpc
     async def DeleteRange(self, request, context):
-        return await self._write(KIND_DELETE_RANGE, request, self._guard.delete_range(context, request))
+        return await self._node.write(KIND_DELETE_RANGE, request, self._guard.delete_range(context, request))
 
     @rpc
     async def Txn(self, request, context):
         if txn_is_read_only(request):
             return await self._read(self._store.txn_request, request, self._guard.read_txn(context, request))
-        return await self._write(KIND_TXN, request, self._guard.txn(context, request))
+        return await self._node.write(KIND_TXN, request, self._guard.txn(context, request))
 
     @rpc
     async def Compact(self, request, context):
         # Root only, as etcd 3.6.9 and later (3.4 let anyone compact).
         self._guard.admin(context)
-        return await self._write(KIND_COMPACT, request)
+        return await self._node.write(KIND_COMPACT, request)

@@ -16,8 +16,6 @@ etcd's answers kept here:
 
 from __future__ import annotations
 
-import asyncio
-
 from mvcckv.pb import rpc_pb2 as pb
 from mvcckv.pb import rpc_pb2_grpc
 from mvcckv.server.guard import Guard
@@ -32,20 +30,15 @@ class LeaseServicer(rpc_pb2_grpc.LeaseServicer):
         self._store = node.store
         self._guard = guard
 
-    async def _write(self, kind: int, request, checked: int = 0):
-        resp = await asyncio.wrap_future(self._store.propose(kind, request, auth_revision=checked))
-        self._node.fill(resp.header)
-        return resp
-
     @rpc
     async def LeaseGrant(self, request, context):
         self._guard.require(context)
-        return await self._write(KIND_LEASE_GRANT, self._store.new_lease_request(request.TTL, request.ID))
+        return await self._node.write(KIND_LEASE_GRANT, self._store.new_lease_request(request.TTL, request.ID))
 
     @rpc
     async def LeaseRevoke(self, request, context):
         checked = self._guard.lease_write(context, request.ID)
-        return await self._write(KIND_LEASE_REVOKE, pb.LeaseRevokeRequest(ID=request.ID), checked)
+        return await self._node.write(KIND_LEASE_REVOKE, pb.LeaseRevokeRequest(ID=request.ID), checked)
 
     @rpc
     async def LeaseKeepAlive(self, request_iterator, context):

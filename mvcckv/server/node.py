@@ -9,6 +9,7 @@ indices are the WAL's.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 
 from mvcckv.pb import rpc_pb2 as pb
@@ -48,6 +49,13 @@ class Node:
         header.raft_term = RAFT_TERM
         if header.revision == 0:
             header.revision = self.store.revision
+
+    async def write(self, kind: int, request, auth_revision: int = 0):
+        """Propose a logged request, await its answer without holding the
+        event loop, and fill the answer's header."""
+        resp = await asyncio.wrap_future(self.store.propose(kind, request, auth_revision=auth_revision))
+        self.fill(resp.header)
+        return resp
 
     def member(self) -> pb.Member:
         return pb.Member(
