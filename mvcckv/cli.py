@@ -1,4 +1,4 @@
-"""The ``mvcckv`` command: ``serve``, ``snapshot save|restore|status``, ``bench``.
+"""The ``mvcckv`` command: ``serve``, ``snapshot save|restore|status``.
 
 Each subcommand's flags and code live with the module that owns the
 concept (``mvcckv.server.config``, ``mvcckv.snapshot``); this module only
@@ -29,7 +29,6 @@ def build_parser() -> argparse.ArgumentParser:
     from mvcckv import snapshot
 
     snapshot.add_parser(sub)
-    __import__("mvcckv.benchcompare", fromlist=["add_parser"]).add_parser(sub)
     return parser
 
 

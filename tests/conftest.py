@@ -177,7 +177,7 @@ class ServedEngine:
         if self.name != "pg":
             return ""
         self._schemas += 1
-        # The schema travels as the URL's search_path (mvcckv.pg.serve).
+        # The schema travels as the URL's search_path (mvcckv.server.engines).
         return f"{self.database_url}?options=-csearch_path%3Detcd{self._schemas}"
 
 

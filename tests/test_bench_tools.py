@@ -1,5 +1,5 @@
 """Checks of the benchmark tools: bench/ (encoders, h2load parsing) and
-``mvcckv bench compare`` (its table, chart, and one short run of every engine)."""
+``bench/compare.py`` (its table, chart, and one short run of every engine)."""
 
 from __future__ import annotations
 
@@ -287,13 +287,13 @@ def test_h2load_against_noop_server(tmp_path):
 
 
 # ---------------------------------------------------------------------------
-# mvcckv bench compare: the table's rows, and one short run of every engine
+# bench/compare.py: the table's rows, and one short run of every engine
 
 
 def _compare():
-    from mvcckv import benchcompare
+    import compare
 
-    return benchcompare
+    return compare
 
 
 def _table_rows(table: str) -> dict[str, list[str]]:
@@ -382,7 +382,7 @@ def test_compare_smoke_run_of_every_engine(tmp_path):
     repo = os.path.dirname(BENCH)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")])))
     proc = subprocess.run(
-        [sys.executable, "-m", "mvcckv", "bench", "compare", "--duration", "1", "--runs", "1",
+        [sys.executable, os.path.join(BENCH, "compare.py"), "--duration", "1", "--runs", "1",
          "--warmup", "0", "--concurrency", "1", "--watch-samples", "20", "--no-pin", "--chart", "",
          "--markdown", str(markdown)],
         capture_output=True, text=True, timeout=240, cwd=repo, env=env, stdin=subprocess.DEVNULL,

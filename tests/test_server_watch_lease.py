@@ -994,15 +994,11 @@ def test_lease_grant_respects_the_quota(own):
 def inproc(engine, tmp_path):
     """``mvcckv serve`` in this process (its own event loop thread), so a
     test can look at the store's watch hub."""
-    from mvcckv.server import app
+    from mvcckv.server import app, engines
     from mvcckv.server.config import Config
 
     config = Config(data_dir=str(tmp_path / "inproc"), backend=engine.new_backend())
-    if config.backend:
-        from mvcckv.pg.serve import open_node
-    else:
-        open_node = app.open_node
-    node = open_node(config)
+    node = engines.for_config(config).open_node(config)
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()

@@ -1,5 +1,5 @@
 -- The design of the article "etcd vs PostgreSQL" (Jinhua Luo, 2023), as the
--- article describes it, for `mvcckv bench compare`: these functions are
+-- article describes it, for `bench/compare.py`: these functions are
 -- called directly, with no mvcckv in the path.  mvcckv's own engine
 -- (mvcckv/pg/schema.py) starts from the same table and trigger and adds
 -- what etcd's semantics need: sub revisions, create_revision / version,

@@ -29,27 +29,22 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import gc
 import inspect
 import logging
 import os
 import signal
 import socket
 import sys
-from dataclasses import dataclass
-from typing import Callable
 
 import grpc
-import lmdb
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-import mvcckv
 from mvcckv import errors
 from mvcckv.pb import rpc_pb2_grpc
 from mvcckv.pb import rpc_pb2 as pb
 from mvcckv.server import compactor as compactor_mod
-from mvcckv.server import identity, tls
+from mvcckv.server import engines, tls
 from mvcckv.server.auth import AuthServicer, token_listener
 from mvcckv.server.cluster import ClusterServicer
 from mvcckv.server.config import Config, Listener
@@ -61,7 +56,7 @@ from mvcckv.server.node import Node
 from mvcckv.server.rpctypes import InvalidClientAPIVersionError, status_code
 from mvcckv.server.tokens import token_provider
 from mvcckv.server.watch import WatchServicer
-from mvcckv.store import DEFAULT_QUOTA, KIND_COMPACT
+from mvcckv.store import KIND_COMPACT
 
 log = logging.getLogger("mvcckv.server")
 
@@ -231,64 +226,6 @@ def _refusing(handler: grpc.RpcMethodHandler, err: errors.MvccError) -> grpc.Rpc
 # --- start and stop ---------------------------------------------------------------
 
 
-def quota_bytes(config: Config) -> int:
-    """The engine's quota: etcd reads 0 as its 2 GiB default."""
-    return DEFAULT_QUOTA if config.quota_backend_bytes == 0 else config.quota_backend_bytes
-
-
-def settle_node(config: Config, open_engine: Callable[[int], object], where: str) -> Node:
-    """Open an engine under the member ID the flags give, settle the
-    identity recorded with the data, and build the Node (blocking).
-
-    A data dir (or schema) created with other peer URLs or another token
-    keeps the member ID it was born with, as etcd's member does; the engine
-    is then reopened under it (it raises its NOSPACE alarm under that ID).
-    """
-    mid = identity.member_id(config.initial_advertise_peer_urls, config.initial_cluster_token)
-    cid = identity.cluster_id([mid])
-    engine = open_engine(mid)
-    try:
-        stored_cid, stored_mid = engine.identity(cid, mid)
-        if stored_mid != mid:
-            log.info("member ID %x recorded in %s is kept (flags would give %x)", stored_mid, where, mid)
-            engine.close()
-            engine = open_engine(stored_mid)
-    except BaseException:
-        engine.close()
-        raise
-    return Node(
-        store=engine,
-        name=config.name,
-        member_id=stored_mid,
-        cluster_id=stored_cid,
-        peer_urls=config.initial_advertise_peer_urls,
-        client_urls=config.advertise_client_urls,
-        version=config.emulated_version,
-        quota_bytes=config.quota_backend_bytes,
-    )
-
-
-def open_node(config: Config) -> Node:
-    """Open the LMDB store and settle the member identity (blocking: run in a thread)."""
-
-    def open_store(member: int):
-        return mvcckv.open(
-            config.data_dir,
-            quota_bytes=quota_bytes(config),
-            max_txn_ops=config.max_txn_ops,
-            max_request_bytes=config.max_request_bytes,
-            member_id=member,
-            bcrypt_cost=config.bcrypt_cost,
-        )
-
-    node = settle_node(config, open_store, config.data_dir)
-    # The index just built lives as long as the server: moving it out of the
-    # collector's generations keeps full collections, which would walk every
-    # key's objects, from pausing requests.
-    gc.freeze()
-    return node
-
-
 class BindError(OSError):
     pass
 
@@ -376,29 +313,8 @@ def start_compactor(node: Node, config: Config, clock=None) -> asyncio.Task | No
     return asyncio.get_running_loop().create_task(comp.run(), name="mvcckv-auto-compaction")
 
 
-@dataclass(frozen=True)
-class Backend:
-    """How ``serve`` opens its engine: the one thing that differs between
-    the LMDB data dir and the PostgreSQL backend."""
-
-    open_node: Callable[[Config], Node]
-    # Errors that mean "cannot open": logged as one line, exit code 1.
-    open_errors: tuple[type[BaseException], ...]
-    # What failed to open, for the error line ("the <it>: <error>").
-    what: Callable[[Config], str]
-    # Where the data lives, for the ready line.
-    where: Callable[[Config], str]
-
-
-LMDB_BACKEND = Backend(
-    open_node=open_node,
-    open_errors=(errors.StorageError, OSError, lmdb.Error),
-    what=lambda config: f"data dir {config.data_dir}",
-    where=lambda config: f"data dir {os.path.abspath(config.data_dir)}",
-)
-
-
-async def serve(config: Config, backend: Backend = LMDB_BACKEND) -> int:
+async def serve(config: Config) -> int:
+    backend = engines.for_config(config)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     signals: list[str] = []
@@ -473,6 +389,6 @@ def configure_logging(level: str) -> None:
     )
 
 
-def main(config: Config, backend: Backend = LMDB_BACKEND) -> int:
+def main(config: Config) -> int:
     configure_logging(config.log_level)
-    return asyncio.run(serve(config, backend))
+    return asyncio.run(serve(config))

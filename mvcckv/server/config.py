@@ -403,9 +403,7 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as err:
         print(f"mvcckv serve: error: {err}", file=sys.stderr)
         return 2
-    if config.backend:
-        from mvcckv.pg.serve import main
-    else:
-        from mvcckv.server.app import main
+    # The server (grpc, the engines) is imported only once the flags parse.
+    from mvcckv.server.app import main
 
     return main(config)

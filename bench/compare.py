@@ -1,4 +1,4 @@
-"""``mvcckv bench compare``: one workload against every engine within reach.
+"""``bench/compare.py``: one workload against every engine within reach.
 
 Engines (each skipped, with the reason, when it cannot be reached):
 
@@ -45,13 +45,14 @@ Servers are pinned to the first allowed core, load generators to the second.
 The throwaway PostgreSQL (``tests/pg_harness.py``) runs with fsync and full
 page writes on, as a durable configuration comparable with etcd's.
 
-This command imports ``bench/grpc_load.py``, ``tests/harness.py`` and
-``tests/pg_harness.py`` by their path in the repository: run it from a
-source checkout.
+Run it from a source checkout (``.venv/bin/python bench/compare.py --help``):
+it imports ``bench/grpc_load.py``, ``tests/harness.py`` and
+``tests/pg_harness.py`` by their path in the repository.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import glob
 import json
@@ -94,14 +95,9 @@ PG_SETTINGS = (
 )
 
 
-def add_parser(subparsers) -> None:
-    """``mvcckv bench compare``."""
-    bench = subparsers.add_parser("bench", help="benchmarks (from a source checkout)")
-    sub = bench.add_subparsers(dest="bench_command", metavar="COMMAND")
-    sub.required = True
-    p = sub.add_parser(
-        "compare",
-        help="one workload against every reachable engine: a Markdown table and a chart",
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="bench/compare.py",
         description=__doc__.split("\n\n")[0] + " Runs from a source checkout "
         "(needs bench/ and tests/ next to mvcckv/), with h2load; pgbench and "
         "PostgreSQL server binaries or --pg-dsn for the PostgreSQL engines.",
@@ -124,7 +120,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--chart", default="compare.png", help="PNG path ('' for none; needs matplotlib)")
     p.add_argument("--markdown", help="also write the table and the command to this file")
     p.add_argument("--no-pin", action="store_true", help="do not set CPU affinities")
-    p.set_defaults(func=run)
+    return p
 
 
 # ---------------------------------------------------------------------------
@@ -546,8 +542,7 @@ def measure_engine(name: str, gl, url_or_dsn: str, args, workdir: str, levels: l
 
 
 def argparse_copy(args, **changes):
-    import argparse
-
+    
     ns = argparse.Namespace(**vars(args))
     for k, v in changes.items():
         setattr(ns, k, v)
@@ -692,7 +687,7 @@ def _import_tools():
     for sub in ("bench", "tests"):
         d = REPO_ROOT / sub
         if not d.is_dir():
-            raise SystemExit(f"mvcckv bench compare runs from a source checkout: {d} is missing")
+            raise SystemExit(f"bench/compare.py runs from a source checkout: {d} is missing")
         if str(d) not in sys.path:
             sys.path.insert(0, str(d))
     import grpc_load
@@ -808,9 +803,9 @@ def run(args) -> int:
         chart_note = draw_chart([results[e] for e in engines], levels, args.chart)
         log(f"# {chart_note}" if chart_note else f"# chart: {args.chart}")
     if args.markdown:
-        command = "python -m mvcckv " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+        command = "python bench/compare.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
         with open(args.markdown, "w") as f:
-            f.write("# mvcckv bench compare\n\n")
+            f.write("# bench/compare.py\n\n")
             f.write(f"Command (from the repository root, {time.monotonic() - t_start:.0f} s):\n\n")
             f.write(f"    {command}\n\n")
             pin_note = (f"servers on cpu {sorted(server_cpus)}, load generators on cpu "
@@ -834,3 +829,7 @@ def _drop_schema(dsn: str, schema: str) -> None:
 
     with contextlib.suppress(Exception), psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+
+
+if __name__ == "__main__":
+    sys.exit(run(build_parser().parse_args()))
