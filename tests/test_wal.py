@@ -512,7 +512,12 @@ def test_sigkill_loses_no_synced_record(tmp_path):
             child = subprocess.Popen(
                 [sys.executable, "-c", _CHILD, str(d), str(round_)], stdout=stdout, stderr=stderr, env=env
             )
-            time.sleep(rng.uniform(0.05, 0.7))
+            # Kill at a random moment after the child is writing: on a loaded
+            # machine its start-up alone can outlast the whole random delay.
+            deadline = time.monotonic() + 30
+            while not out.stat().st_size and child.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.01)
+            time.sleep(rng.uniform(0.0, 0.5))
             child.send_signal(signal.SIGKILL)
             child.wait()
         assert child.returncode == -signal.SIGKILL, (tmp_path / f"err{round_}").read_text()
