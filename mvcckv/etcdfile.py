@@ -44,10 +44,29 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 import crc32c
+import lmdb
+from google.protobuf.message import DecodeError
 
-from mvcckv.backend import DATABASES, META, META_CLUSTER_ID, META_MEMBER_ID
+from mvcckv.auth import REVISION_KEY
+from mvcckv.backend import (
+    ALARM,
+    AUTH,
+    AUTH_ROLES,
+    AUTH_USERS,
+    DATABASES,
+    KEY,
+    LEASE,
+    META,
+    META_CLUSTER_ID,
+    META_CONSISTENT_INDEX,
+    META_FINISHED_COMPACT,
+    META_MEMBER_ID,
+    META_SCHEDULED_COMPACT,
+)
 from mvcckv.bbolt import Reader, Writer
 from mvcckv.errors import BoltError, SnapshotError
+from mvcckv.pb import auth_pb2, kv_pb2, lease_pb2, rpc_pb2
+from mvcckv.revision import MARKED_REV_BYTES_LEN, REV_BYTES_LEN, TOMBSTONE_MARK
 
 BUCKETS = (
     b"alarm", b"auth", b"authRoles", b"authUsers", b"cluster", b"key", b"lease",
@@ -301,6 +320,10 @@ def load_into_lmdb(reader: Reader, backend, batch: int = 20000,
                 for k, v in items:
                     if name == META and k in _ENGINE_ONLY:
                         continue
+                    if name == KEY:
+                        check_key_entry(reader.name, k, v)
+                    else:
+                        _check_entry(reader.name, name, k, v)
                     if not txn.put(k, v, db=db, append=True):
                         raise SnapshotError(f"{reader.name}: bucket {name.decode()!r}: duplicate key {k!r}")
                     n += 1
@@ -310,6 +333,8 @@ def load_into_lmdb(reader: Reader, backend, batch: int = 20000,
                         txn = backend.begin_write()
                 txn.commit()
                 txn = None
+            except lmdb.Error as e:
+                raise SnapshotError(f"{reader.name}: bucket {name.decode()!r}: cannot be stored: {e}") from None
             finally:
                 if txn is not None:
                     txn.abort()
@@ -317,3 +342,45 @@ def load_into_lmdb(reader: Reader, backend, batch: int = 20000,
         return consume
 
     return scan(reader, sink, progress)
+
+
+def check_key_entry(name: str, k: bytes, v: bytes) -> None:
+    """Refuse a ``key`` entry the engine could not open: a revision key of
+    17 bytes (18 with the tombstone mark) whose main revision is a
+    non-negative int64 and whose sub revision fits the engine's 32 bits,
+    and a ``KeyValue`` value with a key."""
+    if not (
+        (len(k) == REV_BYTES_LEN or (len(k) == MARKED_REV_BYTES_LEN and k[-1:] == TOMBSTONE_MARK))
+        and k[8:9] == b"_" and k[0] < 0x80 and k[9:13] == b"\0\0\0\0"
+    ):
+        raise SnapshotError(f"{name}: bucket 'key': {k!r} is not a revision")
+    try:
+        kv = kv_pb2.KeyValue.FromString(v)
+    except DecodeError:
+        raise SnapshotError(f"{name}: bucket 'key': revision {k!r} holds no KeyValue") from None
+    if not kv.key:
+        raise SnapshotError(f"{name}: bucket 'key': revision {k!r} holds a KeyValue without a key")
+
+
+def _check_entry(name: str, bucket: bytes, k: bytes, v: bytes) -> None:
+    """Refuse an entry of the engine's other buckets that it could not open."""
+    ok = True
+    try:
+        if bucket == META:
+            if k == META_CONSISTENT_INDEX:
+                ok = len(v) == 8
+            elif k in (META_SCHEDULED_COMPACT, META_FINISHED_COMPACT):
+                ok = len(v) == REV_BYTES_LEN and v[8:9] == b"_" and v[0] < 0x80
+        elif bucket == LEASE:
+            ok = len(k) == 8 and lease_pb2.Lease.FromString(v).ID != 0
+        elif bucket == ALARM:
+            rpc_pb2.AlarmMember.FromString(k)
+        elif bucket == AUTH:
+            ok = k != REVISION_KEY or len(v) == 8
+        elif bucket in (AUTH_USERS, AUTH_ROLES):
+            k.decode()
+            (auth_pb2.User if bucket == AUTH_USERS else auth_pb2.Role).FromString(v)
+    except (DecodeError, UnicodeDecodeError):
+        ok = False
+    if not ok:
+        raise SnapshotError(f"{name}: bucket {bucket.decode()!r}: entry {k!r} does not decode")

@@ -31,6 +31,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import psycopg
+from google.protobuf.message import DecodeError
 from psycopg import sql
 
 from mvcckv.auth import ENABLED_KEY, REVISION_KEY
@@ -48,7 +49,7 @@ from mvcckv.backend import (
 )
 from mvcckv.bbolt import Reader
 from mvcckv.errors import SnapshotError
-from mvcckv.etcdfile import FileStatus, scan
+from mvcckv.etcdfile import FileStatus, check_key_entry, scan
 from mvcckv.pb import kv_pb2, lease_pb2
 from mvcckv.pb import rpc_pb2 as pb
 from mvcckv.pg.engine import describe_dsn, schema_of
@@ -75,20 +76,23 @@ def load(dsn: str, reader: Reader, progress: Callable[[int], object] = lambda n:
                 if conn.execute(_NOT_EMPTY).fetchone()[0]:
                     raise SnapshotError(f"{where}: the schema already holds data; restore needs an empty one")
                 conn.execute("ALTER TABLE config DISABLE TRIGGER notify_config_change")
-                loader = _Loader(conn)
+                loader = _Loader(conn, reader.name)
                 st = scan(reader, loader.sink, progress)
                 loader.finish()
                 conn.execute("ALTER TABLE config ENABLE TRIGGER notify_config_change")
     except psycopg.Error as e:
         raise SnapshotError(f"{where}: restore failed: {' '.join(str(e).split())}") from None
+    except DecodeError as e:
+        raise SnapshotError(f"{reader.name}: a lease or alarm that does not decode: {e}") from None
     return st
 
 
 class _Loader:
     """Receives each bucket's items in file order and writes the rows."""
 
-    def __init__(self, conn: psycopg.Connection):
+    def __init__(self, conn: psycopg.Connection, name: str):
         self._conn = conn
+        self._name = name
         self._revision = 1
         self._compact = -1
         self._finished = -1
@@ -112,6 +116,7 @@ class _Loader:
             "COPY config (key, revision, sub, tombstone, value, create_revision, version, lease) FROM STDIN"
         ) as copy:
             for k, v in items:
+                check_key_entry(self._name, k, v)
                 rev = from_bytes(k)
                 main = rev.main
                 kv = parse(v)
