@@ -555,6 +555,12 @@ def _cmd_save(args: argparse.Namespace) -> int:
                 args.endpoints, args.file, progress=_show_progress(args),
                 timeout=args.command_timeout, dial_timeout=args.dial_timeout,
             )
+        if args.backend is not None:
+            import mvcckv.pg
+            from mvcckv.pg.engine import schema_of
+
+            with mvcckv.pg.open(args.backend, schema=schema_of(args.backend)) as engine:
+                return save(engine, args.file)
         if not os.path.isfile(os.path.join(args.data_dir, "db", "data.mdb")):
             raise SnapshotError(f"{args.data_dir}: no mvcckv data dir here")
         with Store(args.data_dir) as store:
@@ -571,7 +577,11 @@ def _cmd_restore(args: argparse.Namespace) -> int:
     def run() -> None:
         st = restore(args.file, args.data_dir, progress=_show_progress(args),
                      skip_hash_check=args.skip_hash_check, backend=args.backend)
-        where = args.data_dir if args.backend is None else describe_dsn(args.backend)
+        where = args.data_dir
+        if args.backend is not None:
+            from mvcckv.pg.engine import describe_dsn
+
+            where = describe_dsn(args.backend)
         print(f"Snapshot restored to {where} (revision {st.revision}, {st.total_keys} keys)")
 
     return _run(run)
