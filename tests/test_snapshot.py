@@ -587,3 +587,67 @@ def test_an_lmdb_snapshot_still_restores(tmp_path):
     )
     with _open(tmp_path / "restored") as store:
         assert _kvs(store) == expected
+
+
+# --- the embedded API ------------------------------------------------------------
+
+
+def test_store_snapshot_to_a_path_a_file_or_a_stream(src, tmp_path):
+    import io
+
+    by_path = tmp_path / "a.db"
+    size = src.snapshot(str(by_path))
+    buf = io.BytesIO(b"header")  # written from the current position
+    buf.seek(6)
+    assert src.snapshot(buf) == size
+    assert buf.getvalue()[6:] == by_path.read_bytes()
+
+    class Pipe:  # write-only, like a socket's file
+        def __init__(self):
+            self.parts = []
+
+        def write(self, b):
+            self.parts.append(bytes(b))
+            return len(b)
+
+    pipe = Pipe()
+    assert src.snapshot(pipe) == size
+    assert b"".join(pipe.parts) == by_path.read_bytes()
+    with pytest.raises(TypeError, match="a path or a binary file, not int"):
+        src.snapshot(3)
+
+
+def test_mvcckv_restore_takes_a_path_or_a_binary_file(src, tmp_path):
+    import io
+
+    src.snapshot(str(tmp_path / "snap.db"))
+    st = mvcckv.restore(str(tmp_path / "snap.db"), str(tmp_path / "a"))
+    assert mvcckv.restore(io.BytesIO((tmp_path / "snap.db").read_bytes()), str(tmp_path / "b")) == st
+    for d in ("a", "b"):
+        with _open(tmp_path / d) as store:
+            assert _kvs(store) == _kvs(src)
+    with pytest.raises(SnapshotError, match=r"<snapshot file>: sha256 mismatch"):
+        mvcckv.restore(io.BytesIO(b"\0" * 4096 + b"\1" * 32), str(tmp_path / "c"))
+    assert not (tmp_path / "c").exists()
+
+
+def test_an_etcd_36_file_shows_its_storage_version(tmp_path):
+    """etcd 3.6 records its storage version (and 3.5+ the raft term and
+    conf state) in ``meta``; status shows the version, restore keeps the
+    keys and the store opens."""
+    from mvcckv import etcdfile
+    from mvcckv.pb import kv_pb2
+
+    kv = kv_pb2.KeyValue(key=b"a", create_revision=2, mod_revision=2, version=1, value=b"1")
+    source = {
+        b"key": [(struct.pack(">Q", 2) + b"_" + struct.pack(">Q", 0), kv.SerializeToString())],
+        b"meta": [(b"confState", b'{"voters":[1]}'), (b"consistent_index", struct.pack(">Q", 9)),
+                  (b"storageVersion", b"3.6.0"), (b"term", struct.pack(">Q", 2))],
+    }
+    etcdfile.save(str(tmp_path / "36.db"), source)
+    st = status(tmp_path / "36.db")
+    assert (st.revision, st.total_keys, st.version) == (2, 5, "3.6.0")
+    restore(tmp_path / "36.db", tmp_path / "r")
+    with _open(tmp_path / "r") as store:
+        assert store.get(b"a").value == b"1"
+        assert store.put(b"b", b"2").header.revision == 3
