@@ -222,10 +222,11 @@ class Reader:
     def buckets(self) -> list[tuple[bytes, bytes]]:
         """The top-level buckets, as ``(name, bucket value)`` in name order."""
         out = []
-        for name, value, flags in self._walk(self.meta.root, "root bucket", set()):
-            if not flags & BUCKET_LEAF:
-                raise BoltError(f"{self.name}: root bucket: {name!r} is a value, not a bucket")
-            out.append((name, value))
+        for items, flags in self._walk(self.meta.root, "root bucket", set()):
+            for (name, value), f in zip(items, flags or (0,) * len(items)):
+                if not f & BUCKET_LEAF:
+                    raise BoltError(f"{self.name}: root bucket: {name!r} is a value, not a bucket")
+                out.append((name, value))
         return out
 
     def bucket_value(self, name: bytes) -> bytes | None:
@@ -234,21 +235,28 @@ class Reader:
                 return value
         return None
 
-    def items(self, name: bytes) -> Iterator[tuple[bytes, bytes]]:
-        """Every ``(key, value)`` of top-level bucket ``name`` in key order
-        (nothing if the bucket is absent).  A nested bucket is an error:
-        etcd's buckets hold none."""
+    def batches(self, name: bytes) -> Iterator[list[tuple[bytes, bytes]]]:
+        """The ``(key, value)`` items of top-level bucket ``name`` in key
+        order, one list per leaf page (nothing if the bucket is absent).  A
+        nested bucket is an error: etcd's buckets hold none."""
         value = self.bucket_value(name)
         if value is None:
             return
         what = f"bucket {name.decode(errors='replace')!r}"
-        for k, v, flags in self.bucket_items(value, what, set()):
-            if flags & BUCKET_LEAF:
+        for items, flags in self.bucket_pages(value, what, set()):
+            if flags:
+                k = items[[bool(f & BUCKET_LEAF) for f in flags].index(True)][0]
                 raise BoltError(f"{self.name}: {what}: {k!r} is a nested bucket")
-            yield k, v
+            yield items
 
-    def bucket_items(self, value: bytes, what: str, seen: set[int]) -> Iterator[tuple[bytes, bytes, int]]:
-        """``(key, value, flags)`` of the bucket whose value in its parent is ``value``."""
+    def items(self, name: bytes) -> Iterator[tuple[bytes, bytes]]:
+        """:meth:`batches`, one item at a time."""
+        for batch in self.batches(name):
+            yield from batch
+
+    def bucket_pages(self, value: bytes, what: str, seen: set[int]) -> Iterator[tuple[list, list | None]]:
+        """Per leaf page, ``(items, flags)`` of the bucket whose value in its
+        parent is ``value``; ``flags`` is None when no item is a nested bucket."""
         if len(value) < _BUCKET.size:
             raise BoltError(f"{self.name}: {what}: bucket header of {len(value)} bytes")
         root, _ = _BUCKET.unpack_from(value)
@@ -261,25 +269,33 @@ class Reader:
         _, flags, count, _ = _HEADER.unpack_from(page)
         if flags != LEAF_PAGE:
             raise BoltError(f"{self.name}: {what}: inline page is not a leaf (flags {flags:#x})")
-        prev = None
-        for k, v, f in self._leaf_elements(page, count, f"{what} (inline)"):
-            if prev is not None and k <= prev:
-                raise BoltError(f"{self.name}: {what} (inline): keys out of order at {k!r}")
-            prev = k
-            yield k, v, f
+        items, item_flags = self._leaf_page(page, count, f"{what} (inline)")
+        keys = [k for k, _ in items]
+        if keys != sorted(set(keys)):
+            raise BoltError(f"{self.name}: {what} (inline): keys out of order")
+        yield items, item_flags
 
-    def _leaf_elements(self, data: bytes, count: int, where: str) -> Iterator[tuple[bytes, bytes, int]]:
+    def _leaf_page(self, data: bytes, count: int, where: str) -> tuple[list, list | None]:
         end = len(data)
-        if _HEADER_SIZE + count * _ELEMENT_SIZE > end:
+        top = _HEADER_SIZE + count * _ELEMENT_SIZE
+        if top > end:
             raise BoltError(f"{self.name}: {where}: {count} elements do not fit in the page")
-        off = _HEADER_SIZE
-        for flags, pos, ksize, vsize in _LEAF_ELEMENT.iter_unpack(data[off:off + count * _ELEMENT_SIZE]):
-            k0 = off + pos
-            v0 = k0 + ksize
-            if pos < _ELEMENT_SIZE or v0 + vsize > end:
-                raise BoltError(f"{self.name}: {where}: element at byte {off} points past the page")
-            yield data[k0:v0], data[v0:v0 + vsize], flags
-            off += _ELEMENT_SIZE
+        # (key start, value start, value end, flags) per element; pos counts
+        # from the element's own first byte.
+        spans = [
+            (at + pos, at + pos + ksize, at + pos + ksize + vsize, flags)
+            for at, (flags, pos, ksize, vsize) in zip(
+                range(_HEADER_SIZE, top, _ELEMENT_SIZE), _LEAF_ELEMENT.iter_unpack(data[_HEADER_SIZE:top])
+            )
+        ]
+        if spans and (max(s[2] for s in spans) > end or min(s[0] for s in spans) < top):
+            for i, (k0, _, v1, _) in enumerate(spans):
+                if v1 > end or k0 < top:
+                    raise BoltError(f"{self.name}: {where}: element at byte {_HEADER_SIZE + i * _ELEMENT_SIZE} "
+                                    "points past the page")
+        items = [(data[k0:v0], data[v0:v1]) for k0, v0, v1, _ in spans]
+        flags = [s[3] for s in spans]
+        return items, (flags if any(flags) else None)
 
     def _branch_elements(self, data: bytes, count: int, where: str) -> list[tuple[bytes, int]]:
         end = len(data)
@@ -295,12 +311,14 @@ class Reader:
             off += _ELEMENT_SIZE
         return out
 
-    def _walk(self, root: int, what: str, seen: set[int]) -> Iterator[tuple[bytes, bytes, int]]:
-        """Depth-first over the tree at page ``root``: its leaf elements in order.
+    def _walk(self, root: int, what: str, seen: set[int]) -> Iterator[tuple[list, list | None]]:
+        """Depth-first over the tree at page ``root``: per leaf page in key
+        order, its ``(items, flags)`` (see :meth:`bucket_pages`).
 
         ``seen`` collects every page visited (overflow pages included); a
         page met twice is a cycle or a shared page, either way corruption.
-        Each child's keys must lie in ``[its branch key, the next one)``.
+        Keys must be strictly ascending across the whole walk, and each
+        child's lie in ``[its branch key, the next one)``.
         """
         # One iterator of (child, low, high) per branch page on the path.
         stack: list[Iterator[tuple[int, bytes | None, bytes | None]]] = [iter([(root, None, None)])]
@@ -330,13 +348,20 @@ class Reader:
                     bounded.append((child, key, nkey))
                 stack.append(iter(bounded))
             elif flags == LEAF_PAGE:
-                for k, v, f in self._leaf_elements(data, count, where):
-                    if (prev is not None and k <= prev) or (low is not None and k < low):
-                        raise BoltError(f"{self.name}: {where}: keys out of order at {k!r}")
-                    if high is not None and k >= high:
-                        raise BoltError(f"{self.name}: {where}: key {k!r} is not below its parent's next key")
-                    prev = k
-                    yield k, v, f
+                items, item_flags = self._leaf_page(data, count, where)
+                if not items:
+                    continue
+                keys = [k for k, _ in items]
+                first, last = keys[0], keys[-1]
+                if (
+                    (prev is not None and first <= prev) or (low is not None and first < low)
+                    or keys != sorted(set(keys))
+                ):
+                    raise BoltError(f"{self.name}: {where}: keys out of order")
+                if high is not None and last >= high:
+                    raise BoltError(f"{self.name}: {where}: key {last!r} is not below its parent's next key")
+                prev = last
+                yield items, item_flags
             else:
                 raise BoltError(f"{self.name}: {where}: invalid type (flags {flags:#x}), expected a branch or leaf")
 
@@ -376,15 +401,17 @@ class Reader:
 
         def visit(root_value: bytes | None, root_pgid: int | None, what: str) -> None:
             seen: set[int] = set()
+            nested = []
             try:
                 if root_pgid is not None:
-                    items = self._walk(root_pgid, what, seen)
+                    pages = self._walk(root_pgid, what, seen)
                 else:
-                    items = self.bucket_items(root_value, what, seen)
-                nested = [(k, v) for k, v, f in items if f & BUCKET_LEAF]
+                    pages = self.bucket_pages(root_value, what, seen)
+                for items, flags in pages:
+                    if flags:
+                        nested += [kv for kv, f in zip(items, flags) if f & BUCKET_LEAF]
             except BoltError as e:
                 problems.append(str(e))
-                nested = []
             for pgid in sorted(seen):
                 if pgid in reachable:
                     problems.append(f"{self.name}: page {pgid}: multiple references")

@@ -38,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -247,55 +248,54 @@ def status(reader: Reader) -> FileStatus:
     return scan(reader)
 
 
-Sink = Callable[[bytes], Callable[[Iterator[tuple[bytes, bytes]]], object] | None]
+Batches = Iterator[list[tuple[bytes, bytes]]]
+Sink = Callable[[bytes], Callable[[Batches], object] | None]
 
 
 def scan(reader: Reader, sink: Sink | None = None,
          progress: Callable[[int], object] = lambda n: None) -> FileStatus:
     """One pass over every bucket in file order, computing etcdutl's status
     fields (without the consistency check); ``sink(name)`` may return a
-    consumer that is handed the bucket's items as they are read, which is
-    how a restore loads a file in the same pass.  With a sink, the file
-    must have etcd's ``key`` and ``meta`` buckets.  ``progress`` is called
-    with the bytes of keys and values read so far, in steps of about 1 MiB.
+    consumer that is handed the bucket's items, a list per leaf page, as
+    they are read, which is how a restore loads a file in the same pass.
+    With a sink, the file must have etcd's ``key`` and ``meta`` buckets.
+    ``progress`` is called with the bytes of keys and values read, per page.
     """
     buckets = [name for name, _ in reader.buckets()]
     if sink is not None:
-        for required in (b"key", META):
+        for required in (KEY, META):
             if required not in buckets:
                 raise SnapshotError(f"{reader.name}: not an etcd snapshot (no {required.decode()!r} bucket)")
     h = 0
     revision = 0
     total = 0
     version = b""
-    unreported = 0
 
-    def counted(name: bytes) -> Iterator[tuple[bytes, bytes]]:
-        nonlocal h, revision, total, version, unreported
-        is_key = name == b"key"
-        is_meta = name == META
-        for k, v in reader.items(name):
-            h = crc32c.crc32c(v, crc32c.crc32c(k, h))
-            total += 1
-            if is_key:
-                revision = int.from_bytes(k[:8], "big")
-            elif is_meta and k == META_STORAGE_VERSION:
-                version = v
-            unreported += len(k) + len(v)
-            if unreported >= _COPY_CHUNK:
-                progress(unreported)
-                unreported = 0
-            yield k, v
+    def counted(name: bytes) -> Batches:
+        nonlocal h, revision, total, version
+        for batch in reader.batches(name):
+            if not batch:
+                continue
+            # CRC-32C runs over the keys and values in order, so one call
+            # over their concatenation is the same as one per item.
+            data = b"".join([b for kv in batch for b in kv])
+            h = crc32c.crc32c(data, h)
+            total += len(batch)
+            if name == KEY:
+                revision = int.from_bytes(batch[-1][0][:8], "big")
+            elif name == META:
+                version = dict(batch).get(META_STORAGE_VERSION, version)
+            progress(len(data))
+            yield batch
 
     for name in buckets:
         h = crc32c.crc32c(name, h)
-        items = counted(name)
+        batches = counted(name)
         consume = sink(name) if sink is not None else None
         if consume is not None:
-            consume(items)
-        for _ in items:  # what a consumer left unread still counts
+            consume(batches)
+        for _ in batches:  # what a consumer left unread still counts
             pass
-    progress(unreported)
     return FileStatus(h, revision, total, reader.tx_size, version.decode(errors="replace"))
 
 
@@ -305,7 +305,8 @@ def load_into_lmdb(reader: Reader, backend, batch: int = 20000,
     the file's status (without the consistency check).
 
     Items arrive in key order, so LMDB appends them; a write transaction
-    is committed every ``batch`` items so none grows without bound.
+    is committed every ``batch`` items or so, so none grows without bound.
+    Every entry is checked to be one the engine can open.
     """
 
     def sink(name: bytes):
@@ -313,24 +314,27 @@ def load_into_lmdb(reader: Reader, backend, batch: int = 20000,
             return None
         db = backend.dbs[name]
 
-        def consume(items: Iterator[tuple[bytes, bytes]]) -> None:
+        def consume(batches: Batches) -> None:
             txn = backend.begin_write()
             try:
                 n = 0
-                for k, v in items:
-                    if name == META and k in _ENGINE_ONLY:
-                        continue
+                for items in batches:
                     if name == KEY:
-                        check_key_entry(reader.name, k, v)
+                        check_key_entries(reader.name, items)
                     else:
-                        _check_entry(reader.name, name, k, v)
-                    if not txn.put(k, v, db=db, append=True):
-                        raise SnapshotError(f"{reader.name}: bucket {name.decode()!r}: duplicate key {k!r}")
-                    n += 1
-                    if n % batch == 0:
+                        if name == META:
+                            items = [(k, v) for k, v in items if k not in _ENGINE_ONLY]
+                        for k, v in items:
+                            _check_entry(reader.name, name, k, v)
+                    consumed, added = txn.cursor(db=db).putmulti(items, append=True)
+                    if added != len(items):
+                        raise SnapshotError(f"{reader.name}: bucket {name.decode()!r}: keys out of order")
+                    n += added
+                    if n >= batch:
                         txn.commit()
                         txn = None
                         txn = backend.begin_write()
+                        n = 0
                 txn.commit()
                 txn = None
             except lmdb.Error as e:
@@ -342,6 +346,25 @@ def load_into_lmdb(reader: Reader, backend, batch: int = 20000,
         return consume
 
     return scan(reader, sink, progress)
+
+
+_REVISION_KEY = re.compile(rb"[\x00-\x7f].{7}_\x00\x00\x00\x00.{4}t?", re.DOTALL)
+
+
+def check_key_entries(name: str, items: list[tuple[bytes, bytes]]) -> None:
+    """Refuse ``key`` entries the engine could not open: a revision key of
+    17 bytes (18 with the tombstone mark) whose main revision is a
+    non-negative int64 and whose sub revision fits the engine's 32 bits,
+    and a ``KeyValue`` value with a key."""
+    match = _REVISION_KEY.fullmatch
+    parse = kv_pb2.KeyValue.FromString
+    try:
+        if all(match(k) and parse(v).key for k, v in items):
+            return
+    except DecodeError:
+        pass
+    for k, v in items:
+        check_key_entry(name, k, v)
 
 
 def check_key_entry(name: str, k: bytes, v: bytes) -> None:

@@ -103,10 +103,13 @@ class _Loader:
 
     def sink(self, bucket: bytes):
         """A writer of ``(key, value)`` for ``bucket``, or None to skip it."""
-        return {
+        write = {
             KEY: self._keys, LEASE: self._leases, META: self._meta, AUTH: self._auth,
             AUTH_USERS: self._users, AUTH_ROLES: self._roles, ALARM: self._alarms,
         }.get(bucket)
+        if write is None:
+            return None
+        return lambda batches: write(kv for items in batches for kv in items)
 
     def _keys(self, items) -> None:
         parse = kv_pb2.KeyValue.FromString
