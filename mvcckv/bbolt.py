@@ -245,8 +245,9 @@ class Reader:
         what = f"bucket {name.decode(errors='replace')!r}"
         for items, flags in self.bucket_pages(value, what, set()):
             if flags:
-                k = items[[bool(f & BUCKET_LEAF) for f in flags].index(True)][0]
-                raise BoltError(f"{self.name}: {what}: {k!r} is a nested bucket")
+                for (k, _), f in zip(items, flags):
+                    if f & BUCKET_LEAF:
+                        raise BoltError(f"{self.name}: {what}: {k!r} is a nested bucket")
             yield items
 
     def items(self, name: bytes) -> Iterator[tuple[bytes, bytes]]:
