@@ -248,6 +248,10 @@ def restore(
     """
     if (data_dir is None) == (backend is None):
         raise ValueError("restore needs exactly one of data_dir and backend")
+    if data_dir is not None:
+        data_dir = os.path.abspath(os.fspath(data_dir))
+        if os.path.lexists(data_dir) and not (os.path.isdir(data_dir) and not os.listdir(data_dir)):
+            raise FileExistsError(errno.EEXIST, "data dir exists and is not empty; restore needs a new one", data_dir)
     with _opened(snapshot) as (f, name), _progress(progress, "restore") as bar:
         data_len = etcdfile.database_length(
             f, name, require_hash=not skip_hash_check, check_hash=not skip_hash_check, progress=bar.update,
@@ -259,9 +263,6 @@ def restore(
             from mvcckv.pg import restore as pg_restore
 
             return _status(pg_restore.load(backend, Reader(f, name, data_len), progress=bar.update))
-        data_dir = os.path.abspath(os.fspath(data_dir))
-        if os.path.lexists(data_dir) and not (os.path.isdir(data_dir) and not os.listdir(data_dir)):
-            raise FileExistsError(errno.EEXIST, "data dir exists and is not empty; restore needs a new one", data_dir)
         parent = os.path.dirname(data_dir)
         os.makedirs(parent, exist_ok=True)
         staging = tempfile.mkdtemp(prefix=f".{os.path.basename(data_dir)}.restore-", dir=parent)
