@@ -74,17 +74,31 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# Run by a fresh, small interpreter: a child's peak RSS (ru_maxrss) counts
+# the pages it shares with its parent right after fork, so forking from this
+# process, which holds the data set's bookkeeping, would inflate it.
+_LAUNCHER = """
+import os, sys
+pid = os.fork()
+if pid == 0:
+    fd = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(fd, 1)
+    os.execvp(sys.argv[1], sys.argv[1:])
+_, status, usage = os.wait4(pid, 0)
+print(os.waitstatus_to_exitcode(status), usage.ru_maxrss * 1024)
+"""
+
+
 def run_measured(argv: list[str], core: int, env: dict | None = None) -> tuple[float, int]:
     """Run to completion pinned to ``core``; (seconds, peak RSS bytes)."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen(["taskset", "-c", str(core), *argv], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
+    proc = subprocess.run(["taskset", "-c", str(core), sys.executable, "-I", "-S", "-c", _LAUNCHER, *argv],
+                          env=env, capture_output=True, text=True)
     elapsed = time.perf_counter() - t0
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"{argv[:4]} failed: {proc.stderr.read().decode()[-2000:]}")
-    proc.stderr.close()
-    return elapsed, usage.ru_maxrss * 1024
+    code, rss = map(int, proc.stdout.split())
+    if code != 0 or proc.returncode != 0:
+        raise RuntimeError(f"{argv[:4]} failed: {proc.stderr[-2000:]}")
+    return elapsed, rss
 
 
 def vm_hwm(pid: int) -> int:
