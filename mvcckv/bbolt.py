@@ -439,7 +439,8 @@ class Reader:
 
 
 class Writer:
-    """Writes a new bbolt file to ``out`` (binary, seekable) from ``base``.
+    """Writes a new bbolt file to ``out`` (binary, seekable) from its
+    current position.
 
     Call :meth:`bucket` once per top-level bucket, names in ascending byte
     order, each with its items in ascending key order, then :meth:`finish`.
@@ -450,10 +451,10 @@ class Writer:
     bucket being written.
     """
 
-    def __init__(self, out: BinaryIO, page_size: int = PAGE_SIZE, base: int | None = None):
+    def __init__(self, out: BinaryIO, page_size: int = PAGE_SIZE):
         self._out = out
         self.page_size = page_size
-        self._base = out.tell() if base is None else base
+        self._base = out.tell()
         self._next = 2  # pages 0 and 1 are the meta pages
         self._root: list[tuple[bytes, bytes, int]] = []
         self._last_bucket: bytes | None = None

@@ -102,7 +102,9 @@ def test_writer_refuses_unsorted_input():
 
 
 def test_writer_output_passes_etcdctls_check(tmp_path):
-    buckets = {b"key": [(b"%017d" % i, os.urandom(300)) for i in range(3000)], b"meta": [(b"x", b"y")]}
+    # Values of every 100th key span overflow pages.
+    buckets = {b"key": [(b"%017d" % i, os.urandom(300 if i % 100 else 10_000)) for i in range(3000)],
+               b"meta": [(b"x", b"y")]}
     data = _build(buckets).getvalue()
     (tmp_path / "w.db").write_bytes(data + hashlib.sha256(data).digest())
     proc = subprocess.run(["etcdctl", "snapshot", "status", str(tmp_path / "w.db")],
