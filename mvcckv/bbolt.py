@@ -552,16 +552,16 @@ class Writer:
 
     def _leaf_bytes(self, pgid: int, elements: list[tuple[bytes, bytes, int]]) -> bytes:
         n = len(elements)
-        head = _HEADER.pack(pgid, LEAF_PAGE, n, 0)
-        elems = []
-        data = []
+        fields: list[int] = []
         pos = n * _ELEMENT_SIZE  # from element 0 to the first key
         for i, (k, v, flags) in enumerate(elements):
-            elems.append(_LEAF_ELEMENT.pack(flags, pos - i * _ELEMENT_SIZE, len(k), len(v)))
-            data.append(k)
-            data.append(v)
+            fields += (flags, pos - i * _ELEMENT_SIZE, len(k), len(v))
             pos += len(k) + len(v)
-        return head + b"".join(elems) + b"".join(data)
+        return b"".join((
+            _HEADER.pack(pgid, LEAF_PAGE, n, 0),
+            struct.pack(f"<{4 * n}I", *fields),
+            b"".join([b for k, v, _ in elements for b in (k, v)]),
+        ))
 
     def _write_leaf(self, elements: list[tuple[bytes, bytes, int]]) -> int:
         return self._write_page(self._leaf_bytes(self._next, elements))

@@ -143,16 +143,15 @@ def iter_snapshot(engine, chunk_size: int = SNAPSHOT_CHUNK_SIZE) -> Iterator[tup
     with tempfile.TemporaryFile(dir=engine.path, prefix=".snapshot-") as tmp:
         size = engine.snapshot(tmp) - HASH_SIZE
         tmp.seek(0)
-        sha = hashlib.sha256()
         sent = 0
         for _ in range(-(-size // chunk_size)):
             blob = tmp.read(min(chunk_size, size - sent))
             if not blob:
                 raise SnapshotError(f"snapshot copy shrank while being sent ({sent} of {size} bytes)")
             sent += len(blob)
-            sha.update(blob)
             yield blob, size - sent
-        yield sha.digest(), 0
+        # The file's trailer: the SHA-256 of exactly the bytes just sent.
+        yield tmp.read(HASH_SIZE), 0
 
 
 def save(engine, path: str | os.PathLike[str]) -> int:
