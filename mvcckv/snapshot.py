@@ -504,8 +504,8 @@ def add_parser(subparsers) -> None:
 
     save_p = sub.add_parser(
         "save",
-        help="save a snapshot of a server or of a data dir",
-        description="Save a point-in-time snapshot to FILE (written as FILE.part, then renamed).",
+        help="save a snapshot of a server, a data dir or a PostgreSQL schema",
+        description="Save a point-in-time snapshot to FILE in etcd's format (written as FILE.part, then renamed).",
     )
     save_p.add_argument("file", metavar="FILE")
     source = save_p.add_mutually_exclusive_group(required=True)
@@ -521,8 +521,8 @@ def add_parser(subparsers) -> None:
 
     restore_p = sub.add_parser(
         "restore",
-        help="restore a snapshot into a new data dir",
-        description="Restore FILE into a new data dir (the snapshot's member identity is dropped).",
+        help="restore a snapshot (etcd's or mvcckv's) into a new data dir or PostgreSQL schema",
+        description="Restore FILE (saved by etcd 3.4-3.6 or mvcckv) into a new data dir or an empty PostgreSQL schema; the snapshot's membership is not carried over.",
     )
     restore_p.add_argument("file", metavar="FILE")
     target = restore_p.add_mutually_exclusive_group(required=True)
