@@ -10,8 +10,9 @@ and encodings).  Then, ``--runs`` times each, medians reported:
   file, peak RSS of the restoring process;
 * save: a server on the restored data, ``mvcckv serve`` with
   ``mvcckv snapshot save --endpoints`` against ``etcd`` with ``etcdctl
-  snapshot save``; time, MB/s of the saved file, how much the server's
-  peak RSS grew during the save, the client's peak RSS.
+  snapshot save``; time, MB/s of the saved file, how far the server's
+  resident size rose above where it was before the save, the client's
+  peak RSS.
 
 Servers are pinned to core 0 and clients to core 1 (``taskset``).  Run
 from the repository root::
@@ -30,6 +31,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -101,12 +103,28 @@ def run_measured(argv: list[str], core: int, env: dict | None = None) -> tuple[f
     return elapsed, rss
 
 
-def vm_hwm(pid: int) -> int:
+def vm_rss(pid: int) -> int:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
-            if line.startswith("VmHWM:"):
+            if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM")
+    raise RuntimeError("no VmRSS")
+
+
+class RssSampler(threading.Thread):
+    """The largest resident size of ``pid`` seen while running (every 20 ms):
+    the server's own peak during a save, which VmHWM would hide behind the
+    peak of its start-up."""
+
+    def __init__(self, pid: int):
+        super().__init__(daemon=True)
+        self.pid = pid
+        self.peak = vm_rss(pid)
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(0.02):
+            self.peak = max(self.peak, vm_rss(self.pid))
 
 
 def wait_port(port: int, proc: subprocess.Popen, timeout: float) -> None:
@@ -183,24 +201,30 @@ def main() -> int:
                 print(f"{name} serving the restored data after {time.perf_counter() - t0:.1f} s", flush=True)
                 for run in range(args.runs):
                     out = work / f"saved-{name}-{run}.db"
-                    before = vm_hwm(server.pid)
+                    before = vm_rss(server.pid)
+                    sampler = RssSampler(server.pid)
+                    sampler.start()
                     if name == "etcd":
                         client = ["etcdctl", f"--endpoints={url}", "snapshot", "save", str(out)]
                     else:
                         client = [py, "-m", "mvcckv", "snapshot", "save", "--endpoints", url, str(out)]
-                    elapsed, rss = run_measured(client, 1, env)
-                    grown = vm_hwm(server.pid) - before
+                    try:
+                        elapsed, rss = run_measured(client, 1, env)
+                    finally:
+                        sampler.done.set()
+                        sampler.join()
+                    grown = sampler.peak - before
                     saved = out.stat().st_size
                     results.setdefault(f"{name} save", []).append((elapsed, saved, rss, grown))
                     print(f"  run {run + 1}: {name} save: {elapsed:.2f} s, {saved / 1e6:.1f} MB, client peak RSS "
-                          f"{rss / 2**20:.0f} MiB, server peak RSS grew {grown / 2**20:.0f} MiB", flush=True)
+                          f"{rss / 2**20:.0f} MiB, server RSS rose {grown / 2**20:.0f} MiB", flush=True)
                     out.unlink()
             finally:
                 server.terminate()
                 server.wait(60)
 
         print()
-        print("| direction | tool | time s (median) | MB/s | peak RSS MiB | server peak RSS growth MiB | mvcckv / etcd time |")
+        print("| direction | tool | time s (median) | MB/s | peak RSS MiB | server RSS rise during save MiB | mvcckv / etcd time |")
         print("|---|---|---:|---:|---:|---:|---:|")
         for direction in ("restore", "save"):
             med = {}
