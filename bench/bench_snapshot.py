@@ -8,6 +8,8 @@ and encodings).  Then, ``--runs`` times each, medians reported:
 * restore: ``mvcckv snapshot restore`` (into an LMDB data dir) against
   ``etcdctl snapshot restore`` of the same file; time, MB/s of the snapshot
   file, peak RSS of the restoring process;
+* save, embedded: ``Store.snapshot`` to a file in a process that has
+  the restored store open (the engine's part of a save, without gRPC);
 * save: a server on the restored data, ``mvcckv serve`` with
   ``mvcckv snapshot save --endpoints`` against ``etcd`` with ``etcdctl
   snapshot save``; time, MB/s of the saved file, how far the server's
@@ -181,6 +183,25 @@ def main() -> int:
                 results.setdefault(name, []).append((elapsed, size, rss))
                 print(f"  run {run + 1}: {name}: {elapsed:.2f} s, peak RSS {rss / 2**20:.0f} MiB", flush=True)
 
+        # The engine's part of a save, without gRPC: Store.snapshot to a file
+        # in a process that has the store open (opening is not timed).
+        script = (
+            "import sys, time, mvcckv\n"
+            "with mvcckv.open(sys.argv[1]) as store:\n"
+            "    t0 = time.perf_counter()\n"
+            "    store.snapshot(sys.argv[2])\n"
+            "    print(time.perf_counter() - t0)\n"
+        )
+        for run in range(args.runs):
+            out = work / f"embedded-{run}.db"
+            proc = subprocess.run(["taskset", "-c", "0", py, "-c", script, str(work / "m0"), str(out)],
+                                  env=mvcckv_env(), capture_output=True, text=True, check=True)
+            elapsed = float(proc.stdout)
+            print(f"  run {run + 1}: Store.snapshot (embedded, no gRPC): {elapsed:.2f} s, "
+                  f"{out.stat().st_size / elapsed / 1e6:.0f} MB/s", flush=True)
+            results.setdefault("embedded", []).append(elapsed)
+            out.unlink()
+
         for name in ("etcd", "mvcckv"):
             port = free_port()
             url = f"http://127.0.0.1:{port}"
@@ -237,6 +258,9 @@ def main() -> int:
                 grown = f"{statistics.median(r[3] for r in rows) / 2**20:.0f}" if direction == "save" else "-"
                 ratio = f"{med['mvcckv'] / t:.2f}" if tool == "etcd" else ""
                 print(f"| {direction} | {tool} | {t:.2f} | {mb / t:.0f} | {rss:.0f} | {grown} | {ratio} |")
+        t = statistics.median(results["embedded"])
+        print(f"| save | mvcckv Store.snapshot (embedded, no gRPC) | {t:.2f} | {size / 1e6 / t:.0f} | - | - | "
+              f"{t / statistics.median(r[0] for r in results['etcd save']):.2f} |")
     finally:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
