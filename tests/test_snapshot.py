@@ -651,3 +651,39 @@ def test_an_etcd_36_file_shows_its_storage_version(tmp_path):
     with _open(tmp_path / "r") as store:
         assert store.get(b"a").value == b"1"
         assert store.put(b"b", b"2").header.revision == 3
+
+
+def test_a_slow_snapshot_blocks_neither_status_nor_hashkv_and_defrag_waits(src, tmp_path):
+    release = threading.Event()
+    started = threading.Event()
+
+    class SlowPipe:
+        def __init__(self):
+            self.parts = []
+
+        def write(self, b):
+            started.set()
+            assert release.wait(30)
+            self.parts.append(bytes(b))
+            return len(b)
+
+    pipe = SlowPipe()
+    expected = _kvs(src)
+    with futures.ThreadPoolExecutor(2) as pool:
+        snap = pool.submit(src.snapshot, pipe)
+        assert started.wait(30)
+        # The snapshot holds its read transaction; the store goes on.
+        assert pool.submit(src.status).result(timeout=10).revision == src.revision
+        assert pool.submit(src.hash_kv).result(timeout=10)[1] == src.revision
+        src.put(b"k/after", b"written during the snapshot")
+        defrag = pool.submit(src.defrag)
+        with pytest.raises(futures.TimeoutError):
+            defrag.result(timeout=0.5)
+        release.set()
+        size = snap.result(timeout=60)
+        defrag.result(timeout=60)
+    (tmp_path / "slow.db").write_bytes(b"".join(pipe.parts))
+    assert (tmp_path / "slow.db").stat().st_size == size
+    restore(tmp_path / "slow.db", tmp_path / "restored")
+    with _open(tmp_path / "restored") as store:
+        assert _kvs(store) == expected
