@@ -89,20 +89,28 @@ if pid == 0:
     os.dup2(fd, 1)
     os.execvp(sys.argv[1], sys.argv[1:])
 _, status, usage = os.wait4(pid, 0)
-print(os.waitstatus_to_exitcode(status), usage.ru_maxrss * 1024)
+print(os.waitstatus_to_exitcode(status), usage.ru_maxrss * 1024, usage.ru_utime + usage.ru_stime)
 """
 
 
-def run_measured(argv: list[str], core: int, env: dict | None = None) -> tuple[float, int]:
-    """Run to completion pinned to ``core``; (seconds, peak RSS bytes)."""
+def run_measured(argv: list[str], core: int, env: dict | None = None) -> tuple[float, int, float]:
+    """Run to completion pinned to ``core``; (seconds, peak RSS bytes, CPU seconds)."""
     t0 = time.perf_counter()
     proc = subprocess.run(["taskset", "-c", str(core), sys.executable, "-I", "-S", "-c", _LAUNCHER, *argv],
                           env=env, capture_output=True, text=True)
     elapsed = time.perf_counter() - t0
-    code, rss = map(int, proc.stdout.split())
+    code, rss, cpu = proc.stdout.split()
+    code, rss = int(code), int(rss)
     if code != 0 or proc.returncode != 0:
         raise RuntimeError(f"{argv[:4]} failed: {proc.stderr[-2000:]}")
-    return elapsed, rss
+    return elapsed, rss, float(cpu)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a running process, from /proc."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def vm_rss(pid: int) -> int:
@@ -179,27 +187,28 @@ def main() -> int:
                                   "--data-dir", str(work / f"e{run}")]),
             ):
                 env = mvcckv_env() if name.startswith("mvcckv") else etcdctl_env()
-                elapsed, rss = run_measured(argv, 1, env)
-                results.setdefault(name, []).append((elapsed, size, rss))
-                print(f"  run {run + 1}: {name}: {elapsed:.2f} s, peak RSS {rss / 2**20:.0f} MiB", flush=True)
+                elapsed, rss, cpu = run_measured(argv, 1, env)
+                results.setdefault(name, []).append((elapsed, size, rss, 0, cpu))
+                print(f"  run {run + 1}: {name}: {elapsed:.2f} s ({cpu:.2f} s CPU), peak RSS {rss / 2**20:.0f} MiB",
+                      flush=True)
 
         # The engine's part of a save, without gRPC: Store.snapshot to a file
         # in a process that has the store open (opening is not timed).
         script = (
             "import sys, time, mvcckv\n"
             "with mvcckv.open(sys.argv[1]) as store:\n"
-            "    t0 = time.perf_counter()\n"
+            "    t0, c0 = time.perf_counter(), time.process_time()\n"
             "    store.snapshot(sys.argv[2])\n"
-            "    print(time.perf_counter() - t0)\n"
+            "    print(time.perf_counter() - t0, time.process_time() - c0)\n"
         )
         for run in range(args.runs):
             out = work / f"embedded-{run}.db"
             proc = subprocess.run(["taskset", "-c", "0", py, "-c", script, str(work / "m0"), str(out)],
                                   env=mvcckv_env(), capture_output=True, text=True, check=True)
-            elapsed = float(proc.stdout)
-            print(f"  run {run + 1}: Store.snapshot (embedded, no gRPC): {elapsed:.2f} s, "
+            elapsed, cpu = map(float, proc.stdout.split())
+            print(f"  run {run + 1}: Store.snapshot (embedded, no gRPC): {elapsed:.2f} s ({cpu:.2f} s CPU), "
                   f"{out.stat().st_size / elapsed / 1e6:.0f} MB/s", flush=True)
-            results.setdefault("embedded", []).append(elapsed)
+            results.setdefault("embedded", []).append((elapsed, cpu))
             out.unlink()
 
         for name in ("etcd", "mvcckv"):
@@ -225,19 +234,22 @@ def main() -> int:
                     before = vm_rss(server.pid)
                     sampler = RssSampler(server.pid)
                     sampler.start()
+                    server_cpu = cpu_seconds(server.pid)
                     if name == "etcd":
                         client = ["etcdctl", f"--endpoints={url}", "snapshot", "save", str(out)]
                     else:
                         client = [py, "-m", "mvcckv", "snapshot", "save", "--endpoints", url, str(out)]
                     try:
-                        elapsed, rss = run_measured(client, 1, env)
+                        elapsed, rss, cpu = run_measured(client, 1, env)
                     finally:
                         sampler.done.set()
                         sampler.join()
                     grown = sampler.peak - before
+                    cpu += cpu_seconds(server.pid) - server_cpu
                     saved = out.stat().st_size
-                    results.setdefault(f"{name} save", []).append((elapsed, saved, rss, grown))
-                    print(f"  run {run + 1}: {name} save: {elapsed:.2f} s, {saved / 1e6:.1f} MB, client peak RSS "
+                    results.setdefault(f"{name} save", []).append((elapsed, saved, rss, grown, cpu))
+                    print(f"  run {run + 1}: {name} save: {elapsed:.2f} s ({cpu:.2f} s CPU, client + server), "
+                          f"{saved / 1e6:.1f} MB, client peak RSS "
                           f"{rss / 2**20:.0f} MiB, server RSS rose {grown / 2**20:.0f} MiB", flush=True)
                     out.unlink()
             finally:
@@ -245,22 +257,28 @@ def main() -> int:
                 server.wait(60)
 
         print()
-        print("| direction | tool | time s (median) | MB/s | peak RSS MiB | server RSS rise during save MiB | mvcckv / etcd time |")
-        print("|---|---|---:|---:|---:|---:|---:|")
+        print("| direction | tool | time s | MB/s | CPU s | peak RSS MiB | server RSS rise MiB "
+              "| mvcckv / etcd, time | mvcckv / etcd, CPU |")
+        print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
         for direction in ("restore", "save"):
             med = {}
             for tool in ("mvcckv", "etcd"):
                 rows = results[f"{tool} {direction}"]
                 t = statistics.median(r[0] for r in rows)
-                med[tool] = t
+                cpu = statistics.median(r[4] for r in rows)
+                med[tool] = (t, cpu)
                 mb = statistics.median(r[1] for r in rows) / 1e6
                 rss = statistics.median(r[2] for r in rows) / 2**20
                 grown = f"{statistics.median(r[3] for r in rows) / 2**20:.0f}" if direction == "save" else "-"
-                ratio = f"{med['mvcckv'] / t:.2f}" if tool == "etcd" else ""
-                print(f"| {direction} | {tool} | {t:.2f} | {mb / t:.0f} | {rss:.0f} | {grown} | {ratio} |")
-        t = statistics.median(results["embedded"])
-        print(f"| save | mvcckv Store.snapshot (embedded, no gRPC) | {t:.2f} | {size / 1e6 / t:.0f} | - | - | "
-              f"{t / statistics.median(r[0] for r in results['etcd save']):.2f} |")
+                ratios = (f"{med['mvcckv'][0] / t:.2f} | {med['mvcckv'][1] / cpu:.2f}" if tool == "etcd"
+                          else " | ")
+                print(f"| {direction} | {tool} | {t:.2f} | {mb / t:.0f} | {cpu:.2f} | {rss:.0f} | {grown} "
+                      f"| {ratios} |")
+        t = statistics.median(r[0] for r in results["embedded"])
+        cpu = statistics.median(r[1] for r in results["embedded"])
+        etcd_t, etcd_cpu = med["etcd"]
+        print(f"| save | mvcckv Store.snapshot (embedded, no gRPC) | {t:.2f} | {size / 1e6 / t:.0f} | {cpu:.2f} "
+              f"| - | - | {t / etcd_t:.2f} | {cpu / etcd_cpu:.2f} |")
     finally:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
