@@ -32,8 +32,8 @@ inlines a bucket without sub-buckets while its page would take at most a
 quarter page).  The root bucket of the file holds one such value per
 top-level bucket.
 
-The reader never holds more than one root-to-leaf path of pages, so a file
-of any size streams in bounded memory; it checks every page it follows
+The reader holds one root-to-leaf path of pages (and the ids of the pages
+it has visited), so a file of any size streams in bounded memory; it checks every page it follows
 (inside the file and below the high water, of the expected type, visited
 once, elements inside the page, keys in order within the bounds its parent
 gives) and raises :class:`mvcckv.errors.BoltError` naming the file and the

@@ -217,6 +217,11 @@ def test_etcd_snapshot_into_postgresql(from_etcd, postgres, tmp_path):
                        extra_args=("--backend", dsn)) as server:
         with server.channel() as channel:
             assert _observe(channel) == seen
+    # Saved back out of PostgreSQL without a server, it is etcd's file again.
+    _mvcckv_cli("snapshot", "save", "--backend", dsn, tmp_path / "back.db")
+    back = _etcdctl_status(tmp_path / "back.db")
+    assert back == _as_etcdctl_prints(status(tmp_path / "back.db"))
+    assert back["revision"] == seen["hashkv"][2]
     # A schema that holds data is not overwritten.
     proc = subprocess.run(
         [sys.executable, "-m", "mvcckv", "snapshot", "restore", str(snap), "--backend", dsn],
