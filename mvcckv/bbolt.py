@@ -58,6 +58,7 @@ free, so the result passes ``Tx.Check``.
 
 from __future__ import annotations
 
+import itertools
 import os
 import struct
 from collections.abc import Iterable, Iterator
@@ -438,6 +439,14 @@ class Reader:
         return self.meta.pgid * self.page_size
 
 
+def _check_order(items: list[tuple[bytes, bytes]], name: bytes) -> None:
+    prev = None
+    for k, _ in items:
+        if not k or (prev is not None and k <= prev):
+            raise ValueError(f"bucket {name!r}: key {k!r} is empty or not after {prev!r}")
+        prev = k
+
+
 class Writer:
     """Writes a new bbolt file to ``out`` (binary, seekable) from its
     current position.
@@ -456,7 +465,7 @@ class Writer:
         self.page_size = page_size
         self._base = out.tell()
         self._next = 2  # pages 0 and 1 are the meta pages
-        self._root: list[tuple[bytes, bytes, int]] = []
+        self._root: list[tuple[bytes, bytes]] = []
         self._last_bucket: bytes | None = None
         out.seek(self._base + 2 * page_size)
 
@@ -466,37 +475,21 @@ class Writer:
         if not name or (self._last_bucket is not None and name <= self._last_bucket):
             raise ValueError(f"bucket {name!r} is empty or not after {self._last_bucket!r}")
         self._last_bucket = name
-        psize = self.page_size
-        inline_limit = psize // 4
-        buffered: list[tuple[bytes, bytes, int]] = []
+        inline_limit = self.page_size // 4
+        buffered: list[tuple[bytes, bytes]] = []
         size = _HEADER_SIZE
         it = iter(items)
-        prev = None
         # Buffer until the bucket is known not to fit inline.
         for k, v in it:
-            if not k or (prev is not None and k <= prev):
-                raise ValueError(f"bucket {name!r}: key {k!r} is empty or not after {prev!r}")
-            prev = k
-            buffered.append((k, v, 0))
+            buffered.append((k, v))
             size += _ELEMENT_SIZE + len(k) + len(v)
             if size > inline_limit:
-                break
-        else:
-            page = self._leaf_bytes(0, buffered)
-            self._root.append((name, _BUCKET.pack(0, sequence) + page, BUCKET_LEAF))
-            return
-
-        def rest():
-            nonlocal prev
-            yield from buffered
-            for k, v in it:
-                if not k or k <= prev:
-                    raise ValueError(f"bucket {name!r}: key {k!r} is empty or not after {prev!r}")
-                prev = k
-                yield k, v, 0
-
-        root = self._tree(rest())
-        self._root.append((name, _BUCKET.pack(root, sequence), BUCKET_LEAF))
+                root = self._tree(itertools.chain(buffered, it), 0, name)
+                self._root.append((name, _BUCKET.pack(root, sequence)))
+                return
+        _check_order(buffered, name)
+        page = self._leaf_bytes(0, buffered, [(len(k), len(v)) for k, v in buffered], 0)
+        self._root.append((name, _BUCKET.pack(0, sequence) + page))
 
     def finish(self, txid: int = 2) -> int:
         """Write the root bucket and the meta pages; returns the file size.
@@ -504,7 +497,7 @@ class Writer:
         Page 0 gets ``txid`` and page 1 ``txid - 1``: both describe the same
         tree, and bbolt's next commit goes to page ``(txid + 1) % 2``.
         """
-        root = self._tree(iter(self._root)) if self._root else self._write_leaf([])
+        root = self._tree(iter(self._root), BUCKET_LEAF, b"") if self._root else self._write_leaf([], [], 0)
         psize = self.page_size
         for pgid, tx in ((0, txid), (1, txid - 1)):
             page = bytearray(psize)
@@ -519,21 +512,30 @@ class Writer:
 
     # -- pages --------------------------------------------------------------
 
-    def _tree(self, elements: Iterator[tuple[bytes, bytes, int]]) -> int:
-        """Write leaves for ``elements`` and the branches above them; the root pgid."""
+    def _tree(self, items: Iterator[tuple[bytes, bytes]], flags: int, name: bytes) -> int:
+        """Write leaves for ``items`` (each element gets ``flags``) and the
+        branches above them; the root pgid.  Keys must be non-empty and
+        strictly ascending (ValueError naming bucket ``name`` otherwise)."""
         psize = self.page_size
         level: list[tuple[bytes, int]] = []
-        page: list[tuple[bytes, bytes, int]] = []
+        page: list[tuple[bytes, bytes]] = []
+        lens: list[tuple[int, int]] = []
         size = _HEADER_SIZE
-        for e in elements:
-            n = _ELEMENT_SIZE + len(e[0]) + len(e[1])
+        prev = None
+        for k, v in items:
+            lk, lv = len(k), len(v)
+            if not lk or (prev is not None and k <= prev):
+                raise ValueError(f"bucket {name!r}: key {k!r} is empty or not after {prev!r}")
+            prev = k
+            n = _ELEMENT_SIZE + lk + lv
             if page and size + n > psize:
-                level.append((page[0][0], self._write_leaf(page)))
-                page, size = [], _HEADER_SIZE
-            page.append(e)
+                level.append((page[0][0], self._write_leaf(page, lens, flags)))
+                page, lens, size = [], [], _HEADER_SIZE
+            page.append((k, v))
+            lens.append((lk, lv))
             size += n
         if page or not level:
-            level.append((page[0][0] if page else b"", self._write_leaf(page)))
+            level.append((page[0][0] if page else b"", self._write_leaf(page, lens, flags)))
         while len(level) > 1:
             parents: list[tuple[bytes, int]] = []
             page_b: list[tuple[bytes, int]] = []
@@ -550,21 +552,22 @@ class Writer:
             level = parents
         return level[0][1]
 
-    def _leaf_bytes(self, pgid: int, elements: list[tuple[bytes, bytes, int]]) -> bytes:
-        n = len(elements)
+    def _leaf_bytes(self, pgid: int, items: list[tuple[bytes, bytes]], lens: list[tuple[int, int]],
+                    flags: int) -> bytes:
+        n = len(items)
         fields: list[int] = []
         pos = n * _ELEMENT_SIZE  # from element 0 to the first key
-        for i, (k, v, flags) in enumerate(elements):
-            fields += (flags, pos - i * _ELEMENT_SIZE, len(k), len(v))
-            pos += len(k) + len(v)
+        for i, (lk, lv) in enumerate(lens):
+            fields += (flags, pos - i * _ELEMENT_SIZE, lk, lv)
+            pos += lk + lv
         return b"".join((
             _HEADER.pack(pgid, LEAF_PAGE, n, 0),
             struct.pack(f"<{4 * n}I", *fields),
-            b"".join([b for k, v, _ in elements for b in (k, v)]),
+            b"".join([b for kv in items for b in kv]),
         ))
 
-    def _write_leaf(self, elements: list[tuple[bytes, bytes, int]]) -> int:
-        return self._write_page(self._leaf_bytes(self._next, elements))
+    def _write_leaf(self, items: list[tuple[bytes, bytes]], lens: list[tuple[int, int]], flags: int) -> int:
+        return self._write_page(self._leaf_bytes(self._next, items, lens, flags))
 
     def _write_branch(self, children: list[tuple[bytes, int]]) -> int:
         n = len(children)
