@@ -15,7 +15,7 @@ from __future__ import annotations
 from mvcckv.store import Options, Store, StoreStatus, prefix_end
 
 __version__ = "0.1.0"
-__all__ = ["open", "Store", "Options", "StoreStatus", "prefix_end"]
+__all__ = ["open", "restore", "Store", "Options", "StoreStatus", "prefix_end"]
 
 
 def open(path: str, **options) -> Store:  # noqa: A001 - mirrors lmdb.open / io.open
@@ -26,3 +26,13 @@ def open(path: str, **options) -> Store:  # noqa: A001 - mirrors lmdb.open / io.
     context manager; closing it flushes and releases everything.
     """
     return Store(path, Options(**options))
+
+
+def restore(snapshot, data_dir: str, *, skip_hash_check: bool = False):
+    """Restore a snapshot (a path or a seekable binary file: one saved by
+    etcd 3.4-3.6, ``etcdctl snapshot save``, or :meth:`Store.snapshot`)
+    into the new data dir ``data_dir``; returns its
+    :class:`mvcckv.snapshot.SnapshotStatus`.  Then ``mvcckv.open(data_dir)``."""
+    from mvcckv.snapshot import restore as _restore
+
+    return _restore(snapshot, data_dir, skip_hash_check=skip_hash_check)

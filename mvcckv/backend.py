@@ -152,14 +152,6 @@ class Backend:
 
     # -- maintenance -----------------------------------------------------
 
-    def copy_to(self, fd: int, compact: bool = True) -> None:
-        """Write a consistent point-in-time copy of the environment to ``fd``.
-
-        LMDB copies from a read transaction, so writers keep going while it
-        runs and the copy reflects exactly one committed state.
-        """
-        self.env.copyfd(fd, compact=compact)
-
     def defrag(self, swap_guard) -> tuple[int, int]:
         """Rewrite the file without its free pages; returns (before, after) sizes.
 

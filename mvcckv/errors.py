@@ -221,3 +221,7 @@ class WALCorruptError(StorageError):
 
 class SnapshotError(StorageError):
     """A snapshot file is corrupt, truncated or not a snapshot."""
+
+
+class BoltError(SnapshotError):
+    """A bbolt (etcd backend) file is corrupt, truncated or not a bbolt file."""

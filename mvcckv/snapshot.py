@@ -1,39 +1,31 @@
-r"""Snapshots: a point-in-time copy of the backend in etcd's framing.
+r"""Snapshots: etcd's backend file with a SHA-256, saved, restored, inspected.
 
-A snapshot file is what etcd's ``Maintenance/Snapshot`` streams and what
-``etcdctl snapshot save`` writes: the database, then the SHA-256 of the
-database::
+A snapshot is what etcd's ``Maintenance/Snapshot`` streams and what
+``etcdctl snapshot save`` writes: etcd's bbolt backend file, then the
+SHA-256 of that file (``etcdfile.py`` has the layout and the buckets).
+mvcckv writes exactly that, from either engine, so etcd's own tools
+(``etcdctl snapshot status|restore``, ``etcdutl``) and a real etcd started
+on the restored directory read it; and it restores files saved from etcd
+3.4-3.6 into a new data dir or a PostgreSQL schema, every revision, lease,
+user and role included.
 
-    0                                   N                N+32
-    +-----------------------------------+-----------------+
-    |  LMDB environment copy (data.mdb) |  SHA-256(0..N)  |
-    |  N = a multiple of 512 bytes      |    32 bytes     |
-    +-----------------------------------+-----------------+
-
-The database part is a compacting LMDB copy made from one read transaction
-(:meth:`mvcckv.store.Store.snapshot`), so it is one committed state of
-every database, ``consistent_index`` included, while writes go on.  etcdctl
-accepts a stream only if its length is 32 more than a multiple of 512; LMDB
-files are whole pages (4 KiB), so the copy always is a multiple of 512, and
-zero bytes would pad it if a page size ever were not (LMDB ignores bytes
-past its last page).
-
-Reading a file uses the length to find the trailer, as etcdutl does::
+Reading a file uses its length to find the trailer, as etcdutl does::
 
     len % 512 == 32   the last 32 bytes are the SHA-256 of the rest;
                       restore and status verify it (restore can skip that)
     anything else     no trailer: a truncated snapshot, or a bare database
                       copy, which restore accepts only with skip_hash_check
 
-A file that passes the hash is then checked as an LMDB file: its meta page
-must name a page size and a last page that the data actually holds, so a
-truncated bare copy is refused instead of being mapped past its end.
+then the database's magic number says what it is: bbolt (etcd's format,
+what mvcckv writes), or LMDB (snapshots of mvcckv releases that saved their
+own backend copy; still restored, with their status as before).
 
-Restoring writes ``<data-dir>/db/data.mdb`` and nothing else.  The member
-identity (``cluster_id``, ``member_id``) is dropped, because a restored
-member takes its identity from the flags it is started with, as etcd
-derives it from ``--initial-cluster``; ``consistent_index`` is kept, so the
-store opens its new WAL at the next index.
+Restoring builds everything in a sibling directory that is renamed into
+place only when complete and synced, so a bad file (a clear
+:class:`~mvcckv.errors.SnapshotError` naming the file and the page or
+offset) never leaves a partial data dir.  The member identity is not
+carried over: a restored member takes its identity from the flags it is
+started with, as etcd derives it from ``--initial-cluster``.
 
 >>> import os, tempfile, mvcckv
 >>> work = tempfile.mkdtemp()
@@ -43,8 +35,8 @@ store opens its new WAL at the next index.
 >>> size % 512
 32
 >>> st = status(os.path.join(work, "snap.db"))
->>> st.revision, st.total_keys
-(2, 1)
+>>> st.revision
+2
 >>> _ = restore(os.path.join(work, "snap.db"), os.path.join(work, "restored"))
 >>> with mvcckv.open(os.path.join(work, "restored")) as store:
 ...     store.get("greeting").value, store.put("next", "1").header.revision
@@ -73,6 +65,7 @@ import lmdb
 from google.protobuf.message import DecodeError
 from tqdm import tqdm
 
+from mvcckv import etcdfile
 from mvcckv.backend import (
     DATABASES,
     KEY,
@@ -80,8 +73,12 @@ from mvcckv.backend import (
     META_CLUSTER_ID,
     META_CONSISTENT_INDEX,
     META_MEMBER_ID,
+    Backend,
 )
+from mvcckv.bbolt import MAGIC as _BBOLT_MAGIC
+from mvcckv.bbolt import Reader
 from mvcckv.errors import SnapshotError, StorageError
+from mvcckv.etcdfile import ALIGNMENT, HASH_SIZE, META_STORAGE_VERSION, atomic_file, fsync_dir
 from mvcckv.pb import kv_pb2, rpc_pb2, rpc_pb2_grpc
 from mvcckv.revision import from_bytes, is_tombstone
 from mvcckv.store import Store
@@ -89,19 +86,12 @@ from mvcckv.store import Store
 SNAPSHOT_CHUNK_SIZE = 32 * 1024
 """Bytes per streamed blob, as etcd sends them."""
 
-HASH_SIZE = 32
-ALIGNMENT = 512
-"""etcdctl finds the trailer only if the database part is a multiple of this."""
-
-META_STORAGE_VERSION = b"storageVersion"
-
 _COPY_CHUNK = 1024 * 1024
 
 # LMDB's on-disk meta page (64-bit build): a 16-byte page header, then
 # MDB_meta.  Offsets checked against files written by LMDB 0.9.
 _LMDB_MAGIC = 0xBEEFC0DE
-_BBOLT_MAGIC = 0xED0CDAED  # at the same offset in a bbolt (etcd) file
-_META_MAGIC = struct.Struct("<I")  # at 16
+_META_MAGIC = struct.Struct("<I")  # at 16, in bbolt's meta page too
 _META_PSIZE = struct.Struct("<I")  # at 40: mm_dbs[FREE_DBI].md_pad holds the page size
 _META_LAST = struct.Struct("<QQ")  # at 136: mm_last_pg, mm_txnid
 _MIN_PAGE, _MAX_PAGE = 512, 65536
@@ -111,11 +101,14 @@ _MIN_PAGE, _MAX_PAGE = 512, 65536
 class SnapshotStatus:
     """What ``mvcckv snapshot status`` prints (etcdutl's fields).
 
-    ``hash`` is the CRC-32C that :meth:`mvcckv.store.Store.hash` computes
-    over the same data; ``revision`` the largest main revision in ``key``;
-    ``total_keys`` the keys alive at that revision; ``total_size`` the file
-    size in bytes; ``version`` the storage version recorded in ``meta``
-    (empty when none is).
+    For an etcd (bbolt) file, exactly what ``etcdctl snapshot status``
+    prints: ``hash`` the CRC-32C over every bucket name, key and value,
+    ``revision`` the main revision of the last ``key`` entry,
+    ``total_keys`` the entries of all buckets, ``total_size`` the bytes up
+    to bbolt's high-water page, ``version`` meta's storage version (empty
+    before etcd 3.6).  For an older mvcckv (LMDB) snapshot: the CRC-32C
+    that :meth:`mvcckv.store.Store.hash` computes, the largest main
+    revision, the keys alive at it, the file size and the storage version.
     """
 
     hash: int
@@ -128,60 +121,44 @@ class SnapshotStatus:
 # --- saving --------------------------------------------------------------
 
 
-def iter_snapshot(store: Store, chunk_size: int = SNAPSHOT_CHUNK_SIZE) -> Iterator[tuple[bytes, int]]:
-    """Yield ``(blob, remaining_bytes)`` for a snapshot of ``store``.
+def iter_snapshot(engine, chunk_size: int = SNAPSHOT_CHUNK_SIZE) -> Iterator[tuple[bytes, int]]:
+    """Yield ``(blob, remaining_bytes)`` for a snapshot of ``engine``.
 
-    First the database in blobs of ``chunk_size`` bytes, each with the
+    First the bbolt file in blobs of ``chunk_size`` bytes, each with the
     number of database bytes still to come (0 with the last), then
     ``(sha256 of every blob, 0)``: the messages of etcd's Snapshot stream.
 
-    The copy is taken when the first blob is asked for, into an unlinked
-    file in the store's directory: memory stays at one chunk whatever the
-    size, at the cost of the database's size in disk space until the
-    generator is closed.  Streaming straight from a read transaction would
-    save that space, but an LMDB reader pins every page freed after it
-    began, so a slow client would make the live file grow under writes
-    (and hold off defrag) for as long as it takes to download.
+    The file is built when the first blob is asked for, into an unlinked
+    file in the engine's directory: memory stays bounded whatever the size,
+    at the cost of the database's size in disk space until the generator
+    is closed.  Streaming straight from a read transaction would save that
+    space, but an LMDB reader pins every page freed after it began, so a
+    slow client would make the live file grow under writes (and hold off
+    defrag) for as long as it takes to download.
 
     O(database size) time and disk, O(chunk_size) memory.
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, not {chunk_size}")
-    with tempfile.TemporaryFile(dir=store.path, prefix=".snapshot-") as tmp:
-        store.snapshot(tmp.fileno())
-        size = os.fstat(tmp.fileno()).st_size
-        pad = -size % ALIGNMENT
-        if pad:
-            os.pwrite(tmp.fileno(), bytes(pad), size)
-            size += pad
+    with tempfile.TemporaryFile(dir=engine.path, prefix=".snapshot-") as tmp:
+        size = engine.snapshot(tmp) - HASH_SIZE
         tmp.seek(0)
-        sha = hashlib.sha256()
         sent = 0
         for _ in range(-(-size // chunk_size)):
             blob = tmp.read(min(chunk_size, size - sent))
             if not blob:
                 raise SnapshotError(f"snapshot copy shrank while being sent ({sent} of {size} bytes)")
             sent += len(blob)
-            sha.update(blob)
             yield blob, size - sent
-        yield sha.digest(), 0
+        # The file's trailer: the SHA-256 of exactly the bytes just sent.
+        yield tmp.read(HASH_SIZE), 0
 
 
-def save(store: Store, path: str | os.PathLike[str], progress: bool = False) -> int:
-    """Write a snapshot of ``store`` to ``path``; returns its size in bytes.
-
-    Written to ``path.part``, fsynced, then renamed, as etcdctl does, so
-    ``path`` is either absent or complete.
-    """
-    path = os.fspath(path)
-    with _atomic_file(path) as out, _progress(progress, "save") as bar:
-        for blob, remaining in iter_snapshot(store):
-            if bar.total is None:
-                bar.total = len(blob) + remaining + HASH_SIZE
-            out.write(blob)
-            bar.update(len(blob))
-        written = out.tell()
-    return written
+def save(engine, path: str | os.PathLike[str]) -> int:
+    """Write a snapshot of ``engine`` (either engine) to ``path``; returns
+    its size in bytes.  Written to ``path.part``, fsynced, then renamed, as
+    etcdctl does, so ``path`` is either absent or complete."""
+    return engine.snapshot(os.fspath(path))
 
 
 def save_from_endpoint(
@@ -210,7 +187,7 @@ def save_from_endpoint(
             raise SnapshotError(f"cannot connect to {endpoint_url} within {dial_timeout:g} s") from None
         stub = rpc_pb2_grpc.MaintenanceStub(channel)
         try:
-            with _atomic_file(path) as out, _progress(progress, "save") as bar:
+            with atomic_file(path) as out, _progress(progress, "save") as bar:
                 sha = hashlib.sha256()
                 tail = b""  # the last 32 bytes seen: the trailer once the stream ends
                 for resp in stub.Snapshot(rpc_pb2.SnapshotRequest(), timeout=timeout):
@@ -248,111 +225,155 @@ def _grpc_target(endpoint_url: str) -> str:
 
 
 def restore(
-    path: str | os.PathLike[str],
-    data_dir: str | os.PathLike[str],
+    snapshot: str | os.PathLike[str] | BinaryIO,
+    data_dir: str | os.PathLike[str] | None = None,
     progress: bool = False,
     skip_hash_check: bool = False,
+    backend: str | None = None,
 ) -> SnapshotStatus:
-    """Restore the snapshot file ``path`` into the new data dir ``data_dir``.
+    """Restore ``snapshot`` (a path or a seekable binary file) into the new
+    data dir ``data_dir``, or with ``backend`` (a ``postgresql://`` URL)
+    into that PostgreSQL schema, which must hold no data yet.
 
     ``data_dir`` must not exist or be empty (:class:`FileExistsError`
     otherwise).  The trailer is verified unless ``skip_hash_check``, which
-    also admits a bare database copy without one.  A corrupt, truncated or
-    foreign file raises :class:`SnapshotError` and leaves ``data_dir`` as it
-    was: everything is built in a sibling directory that is renamed into
-    place only when complete and synced.
+    also admits a bare database without one.  A corrupt, truncated or
+    foreign file raises :class:`SnapshotError` and leaves ``data_dir`` (or
+    the schema) as it was.
 
-    Returns the status of the restored database: the same as
-    :func:`status` of the file except that ``hash`` leaves out the member
-    identity dropped by the restore (it is what ``Store.hash()`` of the
-    restored store reports) and ``total_size`` is that of ``data.mdb``.
+    Returns the snapshot's status (see :class:`SnapshotStatus`; for an etcd
+    file, without running bbolt's full consistency check, which the
+    restore's own walk of every tree stands in for).
     """
-    path = os.fspath(path)
-    data_dir = os.path.abspath(os.fspath(data_dir))
-    if os.path.lexists(data_dir) and not (os.path.isdir(data_dir) and not os.listdir(data_dir)):
-        raise FileExistsError(errno.EEXIST, "data dir exists and is not empty; restore needs a new one", data_dir)
-    parent = os.path.dirname(data_dir)
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(data_dir)}.restore-", dir=parent)
-    try:
-        db_dir = os.path.join(staging, "db")
-        os.mkdir(db_dir)
-        db_file = os.path.join(db_dir, "data.mdb")
-        with open(db_file, "xb") as out, _progress(progress, "restore") as bar:
-            _extract(path, out, bar, require_hash=not skip_hash_check, check_hash=not skip_hash_check)
-            out.flush()
-            os.fsync(out.fileno())
-        _check_lmdb(db_file, path)
-        restored = _forget_identity(db_file, path)
-        _fsync_dir(db_dir)
-        _fsync_dir(staging)
-        if os.path.isdir(data_dir):
-            os.rmdir(data_dir)  # empty (checked above); fails if that changed meanwhile
-        os.rename(staging, data_dir)
-        _fsync_dir(parent)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    if (data_dir is None) == (backend is None):
+        raise ValueError("restore needs exactly one of data_dir and backend")
+    if data_dir is not None:
+        data_dir = os.path.abspath(os.fspath(data_dir))
+        if os.path.lexists(data_dir) and not (os.path.isdir(data_dir) and not os.listdir(data_dir)):
+            raise FileExistsError(errno.EEXIST, "data dir exists and is not empty; restore needs a new one", data_dir)
+    with _opened(snapshot) as (f, name), _progress(progress, "restore") as bar:
+        data_len = etcdfile.database_length(
+            f, name, require_hash=not skip_hash_check, check_hash=not skip_hash_check, progress=bar.update,
+        )
+        kind = _kind(f, name, data_len)
+        if backend is not None:
+            if kind != "bbolt":
+                raise SnapshotError(f"{name}: only etcd (bbolt) snapshots restore into PostgreSQL")
+            from mvcckv.pg import restore as pg_restore
+
+            return _status(pg_restore.load(backend, Reader(f, name, data_len), progress=bar.update))
+        parent = os.path.dirname(data_dir)
+        os.makedirs(parent, exist_ok=True)
+        staging = tempfile.mkdtemp(prefix=f".{os.path.basename(data_dir)}.restore-", dir=parent)
+        try:
+            db_dir = os.path.join(staging, "db")
+            os.mkdir(db_dir)
+            if kind == "bbolt":
+                be = Backend(db_dir, quota_bytes=0)
+                try:
+                    restored = _status(etcdfile.load_into_lmdb(Reader(f, name, data_len), be, progress=bar.update))
+                finally:
+                    be.close()
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(db_dir, "lock.mdb"))
+            else:
+                restored = _restore_lmdb(f, name, data_len, db_dir)
+            fsync_dir(db_dir)
+            fsync_dir(staging)
+            if os.path.isdir(data_dir):
+                os.rmdir(data_dir)  # empty (checked above); fails if that changed meanwhile
+            os.rename(staging, data_dir)
+            fsync_dir(parent)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
     return restored
 
 
-def status(path: str | os.PathLike[str]) -> SnapshotStatus:
-    """Hash, revision, live keys, size and storage version of a snapshot file.
+def status(snapshot: str | os.PathLike[str] | BinaryIO) -> SnapshotStatus:
+    """Hash, revision, total keys, size and storage version of a snapshot.
 
-    The database part is copied to a temporary directory and opened
-    read-only there: the file itself is never opened for writing.  A
-    trailer, when present, is verified (a corrupt file raises
-    :class:`SnapshotError`); a file without one is read as a bare copy.
+    A trailer, when present, is verified (a corrupt file raises
+    :class:`SnapshotError`); a file without one is read as a bare
+    database.  An etcd file must pass bbolt's consistency check first, as
+    in etcdutl.  The file is only read.
     """
-    path = os.fspath(path)
-    with tempfile.TemporaryDirectory(prefix="mvcckv-status-") as tmp:
-        db_file = os.path.join(tmp, "data.mdb")
-        with open(db_file, "xb") as out, _progress(False, "") as bar:
-            _extract(path, out, bar, require_hash=False, check_hash=True)
-        _check_lmdb(db_file, path)
-        try:
-            env = lmdb.open(tmp, subdir=True, readonly=True, lock=False, max_dbs=len(DATABASES) + 2)
-        except lmdb.Error as e:
-            raise SnapshotError(f"{path}: not a readable mvcckv snapshot: {e}") from None
-        try:
-            h, revision, keys, version = _scan(env, path)
-        finally:
-            env.close()
-        return SnapshotStatus(h, revision, keys, os.path.getsize(path), version)
+    with _opened(snapshot) as (f, name):
+        data_len = etcdfile.database_length(f, name, require_hash=False, check_hash=True)
+        if _kind(f, name, data_len) == "bbolt":
+            return _status(etcdfile.status(Reader(f, name, data_len)))
+        with tempfile.TemporaryDirectory(prefix="mvcckv-status-") as tmp:
+            db_file = os.path.join(tmp, "data.mdb")
+            with open(db_file, "xb") as out:
+                _copy(f, out, data_len, name)
+            _check_lmdb(db_file, name)
+            try:
+                env = lmdb.open(tmp, subdir=True, readonly=True, lock=False, max_dbs=len(DATABASES) + 2)
+            except lmdb.Error as e:
+                raise SnapshotError(f"{name}: not a readable mvcckv snapshot: {e}") from None
+            try:
+                h, revision, keys, version = _scan(env, name)
+            finally:
+                env.close()
+            return SnapshotStatus(h, revision, keys, _size(f), version)
 
 
-def _extract(path: str, out: BinaryIO, bar: tqdm, *, require_hash: bool, check_hash: bool) -> None:
-    """Copy the database part of snapshot ``path`` to ``out``, checking its trailer."""
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        has_hash = size % ALIGNMENT == HASH_SIZE
-        if not has_hash and require_hash:
-            raise SnapshotError(
-                f"{path}: no sha256 checksum at the end ({size} bytes is not a multiple of "
-                f"{ALIGNMENT} plus {HASH_SIZE}): the file is truncated or not a snapshot "
-                "(restore a bare database copy with --skip-hash-check)"
-            )
-        data_len = size - HASH_SIZE if has_hash else size
-        bar.total = size
-        sha = hashlib.sha256()
-        left = data_len
-        for _ in range(-(-data_len // _COPY_CHUNK)):
-            chunk = f.read(min(_COPY_CHUNK, left))
-            if not chunk:
-                done = data_len - left
-                raise SnapshotError(f"{path}: the file shrank while being read ({done} of {data_len} bytes)")
-            sha.update(chunk)
-            out.write(chunk)
-            left -= len(chunk)
-            bar.update(len(chunk))
-        if has_hash:
-            trailer = f.read(HASH_SIZE)
-            bar.update(len(trailer))
-            if check_hash and trailer != sha.digest():
-                raise SnapshotError(
-                    f"{path}: sha256 mismatch: the file is corrupt "
-                    f"(its checksum is {trailer.hex()}, its data hashes to {sha.hexdigest()})"
-                )
+def _status(st: etcdfile.FileStatus) -> SnapshotStatus:
+    return SnapshotStatus(st.hash, st.revision, st.total_keys, st.total_size, st.version)
+
+
+@contextlib.contextmanager
+def _opened(snapshot) -> Iterator[tuple[BinaryIO, str]]:
+    if isinstance(snapshot, (str, os.PathLike)):
+        path = os.fspath(snapshot)
+        with open(path, "rb") as f:
+            yield f, path
+    elif hasattr(snapshot, "read") and hasattr(snapshot, "seek"):
+        yield snapshot, getattr(snapshot, "name", None) or "<snapshot file>"
+    else:
+        raise TypeError(f"a snapshot is a path or a seekable binary file, not {type(snapshot).__name__}")
+
+
+def _size(f: BinaryIO) -> int:
+    f.seek(0, os.SEEK_END)
+    return f.tell()
+
+
+def _kind(f: BinaryIO, name: str, data_len: int) -> str:
+    """``"bbolt"`` or ``"lmdb"``, from the magic number both keep at byte 16."""
+    f.seek(0)
+    head = f.read(min(data_len, 20))
+    if len(head) < 20:
+        raise SnapshotError(f"{name}: too short to be a database ({data_len} bytes)")
+    (magic,) = _META_MAGIC.unpack_from(head, 16)
+    if magic == _BBOLT_MAGIC:
+        return "bbolt"
+    if magic == _LMDB_MAGIC:
+        return "lmdb"
+    # bbolt keeps a second meta page; let the reader look for it.
+    return "bbolt"
+
+
+def _copy(f: BinaryIO, out: BinaryIO, length: int, name: str) -> None:
+    f.seek(0)
+    left = length
+    while left:
+        chunk = f.read(min(_COPY_CHUNK, left))
+        if not chunk:
+            raise SnapshotError(f"{name}: the file shrank while being read ({length - left} of {length} bytes)")
+        out.write(chunk)
+        left -= len(chunk)
+
+
+def _restore_lmdb(f: BinaryIO, name: str, data_len: int, db_dir: str) -> SnapshotStatus:
+    """An older mvcckv snapshot (an LMDB copy) into ``db_dir``."""
+    db_file = os.path.join(db_dir, "data.mdb")
+    with open(db_file, "xb") as out:
+        _copy(f, out, data_len, name)
+        out.flush()
+        os.fsync(out.fileno())
+    _check_lmdb(db_file, name)
+    return _forget_identity(db_file, name)
 
 
 def _check_lmdb(db_file: str, path: str) -> None:
@@ -366,11 +387,6 @@ def _check_lmdb(db_file: str, path: str) -> None:
         head = f.read(2 * _MAX_PAGE)
     if len(head) < 64:
         raise SnapshotError(f"{path}: too short to be a database ({size} bytes)")
-    (magic,) = _META_MAGIC.unpack_from(head, 16)
-    if magic == _BBOLT_MAGIC:
-        raise SnapshotError(f"{path}: an etcd (bbolt) database; mvcckv restores only its own (LMDB) snapshots")
-    if magic != _LMDB_MAGIC:
-        raise SnapshotError(f"{path}: not an mvcckv snapshot (no LMDB header)")
     (psize,) = _META_PSIZE.unpack_from(head, 40)
     if not (_MIN_PAGE <= psize <= _MAX_PAGE and psize & (psize - 1) == 0):
         raise SnapshotError(f"{path}: corrupt database header (page size {psize})")
@@ -461,33 +477,6 @@ def _scan(env: lmdb.Environment, path: str) -> tuple[int, int, int, str]:
 # --- files ---------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _atomic_file(path: str) -> Iterator[BinaryIO]:
-    """A file written as ``path.part`` and renamed to ``path`` once synced."""
-    part = path + ".part"
-    out = os.fdopen(os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb")
-    try:
-        yield out
-        out.flush()
-        os.fsync(out.fileno())
-    except BaseException:
-        out.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(part)
-        raise
-    out.close()
-    os.replace(part, path)
-    _fsync_dir(os.path.dirname(os.path.abspath(path)))
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _progress(enabled: bool, desc: str) -> tqdm:
     """A byte progress bar on stderr (a no-op unless ``enabled``); it shows
     only once the work has taken half a second, so quick work stays quiet."""
@@ -515,13 +504,14 @@ def add_parser(subparsers) -> None:
 
     save_p = sub.add_parser(
         "save",
-        help="save a snapshot of a server or of a data dir",
-        description="Save a point-in-time snapshot to FILE (written as FILE.part, then renamed).",
+        help="save a snapshot of a server, a data dir or a PostgreSQL schema",
+        description="Save a point-in-time snapshot to FILE in etcd's format (written as FILE.part, then renamed).",
     )
     save_p.add_argument("file", metavar="FILE")
     source = save_p.add_mutually_exclusive_group(required=True)
     source.add_argument("--endpoints", metavar="URL", help="the server to snapshot (host:port or http://host:port)")
     source.add_argument("--data-dir", metavar="DIR", help="a data dir no server is using")
+    source.add_argument("--backend", metavar="URL", help="a PostgreSQL engine's database (postgresql://...)")
     save_p.add_argument("--dial-timeout", type=float, default=5.0, metavar="SECONDS",
                         help="connection timeout with --endpoints (default: %(default)s)")
     save_p.add_argument("--command-timeout", type=float, default=None, metavar="SECONDS",
@@ -531,11 +521,14 @@ def add_parser(subparsers) -> None:
 
     restore_p = sub.add_parser(
         "restore",
-        help="restore a snapshot into a new data dir",
-        description="Restore FILE into a new data dir (the snapshot's member identity is dropped).",
+        help="restore a snapshot (etcd's or mvcckv's) into a new data dir or PostgreSQL schema",
+        description="Restore FILE (saved by etcd 3.4-3.6 or mvcckv) into a new data dir or an empty PostgreSQL schema; the snapshot's membership is not carried over.",
     )
     restore_p.add_argument("file", metavar="FILE")
-    restore_p.add_argument("--data-dir", metavar="DIR", required=True, help="the new data dir (absent or empty)")
+    target = restore_p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--data-dir", metavar="DIR", help="the new data dir (absent or empty)")
+    target.add_argument("--backend", metavar="URL",
+                        help="a PostgreSQL database (postgresql://...) whose schema holds no data yet")
     restore_p.add_argument("--skip-hash-check", action="store_true",
                            help="do not verify the sha256 trailer; also accepts a bare database copy")
     restore_p.add_argument("--progress", action="store_true", help=_PROGRESS_HELP)
@@ -562,10 +555,16 @@ def _cmd_save(args: argparse.Namespace) -> int:
                 args.endpoints, args.file, progress=_show_progress(args),
                 timeout=args.command_timeout, dial_timeout=args.dial_timeout,
             )
+        if args.backend is not None:
+            import mvcckv.pg
+            from mvcckv.pg.engine import schema_of
+
+            with mvcckv.pg.open(args.backend, schema=schema_of(args.backend)) as engine:
+                return save(engine, args.file)
         if not os.path.isfile(os.path.join(args.data_dir, "db", "data.mdb")):
             raise SnapshotError(f"{args.data_dir}: no mvcckv data dir here")
         with Store(args.data_dir) as store:
-            return save(store, args.file, progress=_show_progress(args))
+            return save(store, args.file)
 
     def report() -> None:
         size = run()
@@ -576,8 +575,14 @@ def _cmd_save(args: argparse.Namespace) -> int:
 
 def _cmd_restore(args: argparse.Namespace) -> int:
     def run() -> None:
-        st = restore(args.file, args.data_dir, progress=_show_progress(args), skip_hash_check=args.skip_hash_check)
-        print(f"Snapshot restored to {args.data_dir} (revision {st.revision}, {st.total_keys} keys)")
+        st = restore(args.file, args.data_dir, progress=_show_progress(args),
+                     skip_hash_check=args.skip_hash_check, backend=args.backend)
+        where = args.data_dir
+        if args.backend is not None:
+            from mvcckv.pg.engine import describe_dsn
+
+            where = describe_dsn(args.backend)
+        print(f"Snapshot restored to {where} (revision {st.revision}, {st.total_keys} keys)")
 
     return _run(run)
 

@@ -51,11 +51,11 @@ import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Callable
+from typing import BinaryIO, Callable
 
 import crc32c
 
-from mvcckv import errors, txn as txnmod, validate
+from mvcckv import errors, etcdfile, txn as txnmod, validate
 from mvcckv.txn import read_revision
 from mvcckv.admission import (
     DEFAULT_MAX_REQUEST_BYTES,
@@ -298,6 +298,10 @@ class Store(Admission, AuthAdmin):
         os.makedirs(self.path, exist_ok=True)
         self._wlock = threading.Lock()
         self._swap_lock = threading.Lock()
+        # Held while a snapshot reads the backend: a defrag, which swaps the
+        # environment under open transactions, waits for it instead of
+        # Status and HashKV waiting for the whole snapshot on _swap_lock.
+        self._snapshot_lock = threading.Lock()
         self._lock = threading.Lock()
         self._closed = False
         self._fatal: BaseException | None = None
@@ -1198,14 +1202,23 @@ class Store(Admission, AuthAdmin):
         Reads are served throughout; writes wait until the swap is done.
         """
         self._check_open()
-        with self._wlock:
+        with self._wlock, self._snapshot_lock:
             return self._backend.defrag(_Both(self._swap_lock, self._lock))
 
-    def snapshot(self, fd: int) -> None:
-        """Write a consistent copy of the backend to ``fd`` (writes go on)."""
+    def snapshot(self, target: str | os.PathLike[str] | BinaryIO) -> int:
+        """Write a snapshot in etcd's format to ``target`` (a path or a
+        binary file): etcd's bbolt backend file, then its SHA-256, so
+        ``etcdctl snapshot status|restore`` and a real etcd read it.
+        Returns the bytes written.  One read transaction, so one committed
+        state, while writes go on.  See ``mvcckv.etcdfile``."""
         self._check_open()
-        with self._swap_lock:
-            self._backend.copy_to(fd)
+        with self._snapshot_lock:
+            with self._swap_lock:
+                txn = self._backend.begin_read()
+            try:
+                return etcdfile.save(target, etcdfile.lmdb_source(txn, self._backend.dbs), tmp_dir=self.path)
+            finally:
+                txn.abort()
 
     def run_on_writer(self, fn: Callable[[], object]) -> Future:
         """Run ``fn`` on the writer thread between batches (ordered with writes)."""

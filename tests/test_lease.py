@@ -375,13 +375,10 @@ def test_expired_revoke_replays_to_the_same_hash(tmp_path):
         for k in (b"c", b"a", b"b"):
             s.put(k, b"v", lease=lease)
         s.put(b"y", b"1", lease=keeper)
-        # The backend as it is now: what an older on-disk state would hold.
-        os.makedirs(crashed_dir / "db")
-        fd = os.open(crashed_dir / "db" / "data.mdb", os.O_WRONLY | os.O_CREAT, 0o600)
-        try:
-            s.snapshot(fd)
-        finally:
-            os.close(fd)
+        # The backend as it is now (consistent index included): what an
+        # older on-disk state would hold.
+        s.snapshot(str(tmp_path / "snap.db"))
+        mvcckv.restore(tmp_path / "snap.db", crashed_dir)
         before = s.revision
         wait_for(lambda: s.get(b"a") is None, 5.0, "the lease to expire")
         s.put(b"x", b"2")

@@ -89,15 +89,19 @@ from psycopg import IsolationLevel
 from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import ConnectionPool, PoolClosed, PoolTimeout
 
-from mvcckv import errors, txn as txnmod, validate
-from mvcckv.auth import DEFAULT_BCRYPT_COST, AuthAdmin, AuthStore, AuthWrites
+from mvcckv import errors, etcdfile, txn as txnmod, validate
+from mvcckv.auth import DEFAULT_BCRYPT_COST, ENABLED_KEY, REVISION_KEY, AuthAdmin, AuthStore, AuthWrites
 from mvcckv.backend import (
     ALARM,
+    AUTH,
+    AUTH_ROLES,
+    AUTH_USERS,
     DEFAULT_QUOTA,
     LEASE,
     META_FINISHED_COMPACT,
     META_SCHEDULED_COMPACT,
     Backend,
+    encode_u64,
 )
 from mvcckv.hash import KeyValueHash
 from mvcckv.kv import (
@@ -1223,21 +1227,25 @@ class PgEngine(Admission, AuthAdmin):
         except _CONNECTION_ERRORS as e:
             raise UnavailableError(_one_line(e)) from None
 
-    def snapshot(self, fd: int) -> None:
-        """Write a consistent copy of the keyspace to ``fd`` as an LMDB
-        database in the LMDB engine's layout, so ``mvcckv snapshot restore``
-        turns it into a data dir.  Leases keep their remaining TTL."""
+    def snapshot(self, target) -> int:
+        """Write a snapshot in etcd's format (bbolt file and SHA-256) of
+        the schema to ``target``, a path or a binary file; returns the
+        bytes written.  One repeatable-read transaction is copied into a
+        scratch LMDB backend in the LMDB engine's layout first, then that
+        is written out (``mvcckv.etcdfile``).  Leases keep their remaining
+        TTL."""
 
         def copy(cur):
             with tempfile.TemporaryDirectory(prefix="mvcckv-pg-snapshot-", dir=self.path) as tmp:
                 backend = Backend(tmp, quota_bytes=0)
                 try:
                     _copy_to_backend(cur, backend)
-                    backend.copy_to(fd)
+                    with backend.begin_read() as txn:
+                        return etcdfile.save(target, etcdfile.lmdb_source(txn, backend.dbs), tmp_dir=tmp)
                 finally:
                     backend.close()
 
-        self._pooled(copy)
+        return self._pooled(copy)
 
     def identity(self, cluster_id: int, member_id: int) -> tuple[int, int]:
         """The schema's (cluster ID, member ID), recording these on first use."""
@@ -1320,6 +1328,14 @@ def _copy_to_backend(cur, backend: Backend) -> None:
     if finished >= 0:
         meta.append((META_FINISHED_COMPACT, to_bytes((finished, 0))))
     _put_all(backend, backend.meta_db, meta)
+    enabled, auth_revision = cur.execute("SELECT enabled, revision FROM auth_meta").fetchone()
+    _put_all(backend, backend.dbs[AUTH], [
+        (ENABLED_KEY, b"\x01" if enabled else b"\x00"), (REVISION_KEY, encode_u64(auth_revision)),
+    ])
+    for table, db in (("auth_user", AUTH_USERS), ("auth_role", AUTH_ROLES)):
+        _put_all(backend, backend.dbs[db], [
+            (bytes(name), bytes(data)) for name, data in cur.execute(f"SELECT name, data FROM {table}")
+        ])
 
 
 def _put_all(backend: Backend, db, items: list[tuple[bytes, bytes]]) -> None:
