@@ -44,7 +44,7 @@ from mvcckv import errors
 from mvcckv.pb import rpc_pb2_grpc
 from mvcckv.pb import rpc_pb2 as pb
 from mvcckv.server import compactor as compactor_mod
-from mvcckv.server import engines, tls
+from mvcckv.server import engines, httpd, tls
 from mvcckv.server.auth import AuthServicer, token_listener
 from mvcckv.server.cluster import ClusterServicer
 from mvcckv.server.config import Config, Listener
@@ -52,6 +52,7 @@ from mvcckv.server.guard import Guard
 from mvcckv.server.kv import KVServicer
 from mvcckv.server.lease import LeaseServicer
 from mvcckv.server.maintenance import MaintenanceServicer
+from mvcckv.server.metrics import Metrics
 from mvcckv.server.node import Node
 from mvcckv.server.rpctypes import InvalidClientAPIVersionError, status_code
 from mvcckv.server.tokens import token_provider
@@ -349,15 +350,31 @@ async def serve(config: Config) -> int:
 
     server = None
     comp_task = None
+    http = None
+    loopback = None
     try:
+        metrics = Metrics()
         server, health_servicer = build_server(node, config)
         urls = []
         for listener in config.listeners:
             port = _bind(server, listener, credentials)
             urls.append(listener.url if port == listener.port else
                         f"{listener.scheme}://{listener.address.rpartition(':')[0]}:{port}")
+        if config.http_listeners or config.metrics_listeners:
+            loopback = httpd.Loopback()
+            if server.add_insecure_port(loopback.target) == 0:
+                raise BindError(f"cannot listen on the gateway's unix socket {loopback.path}")
         await server.start()
         await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+        if loopback is not None:
+            http = httpd.HttpServer(node, metrics, loopback.channel(), config.max_request_bytes)
+            try:
+                urls += await http.start(config.http_listeners, False, server_tls)
+                metrics_urls = await http.start(config.metrics_listeners, True, server_tls)
+            except OSError as err:
+                raise BindError(f"listen tcp: {_go_style(err.strerror or str(err))}") from None
+            if metrics_urls:
+                log.info("serving /metrics and /health on %s", ", ".join(metrics_urls))
         comp_task = start_compactor(node, config)
         log.info(
             "ready to serve client requests on %s (name %s, member %x, cluster %x, %s, etcd %s)",
@@ -374,8 +391,13 @@ async def serve(config: Config) -> int:
         if comp_task is not None:
             comp_task.cancel()
             await asyncio.gather(comp_task, return_exceptions=True)
+        if http is not None:
+            # Before the gRPC server: the gateway's calls are its clients.
+            await http.stop()
         if server is not None:
             await server.stop(GRACE_SECONDS)
+        if loopback is not None:
+            loopback.remove()
         await asyncio.to_thread(node.store.close)
         log.info("stopped")
 

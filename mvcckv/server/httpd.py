@@ -1,0 +1,227 @@
+"""The HTTP/1.1 listeners: etcd's JSON gateway, ``/health``, ``/version``
+and ``/metrics``, served by aiohttp on the server's own event loop.
+
+Two kinds of listener, as etcd's flags make them:
+
+* ``--listen-client-http-urls``: everything below (etcd 3.4 serves this on
+  its client URLs, multiplexed with gRPC; mvcckv gives it ports of its own
+  because grpcio owns its listening sockets and cannot hand HTTP/1.1
+  connections to another server);
+* ``--listen-metrics-urls``: ``/metrics`` and ``/health`` only.
+
+The gateway reaches the gRPC services through a unix socket that the gRPC
+server also listens on, in a directory only this user can enter: a
+loopback that needs no TLS whatever the client listeners use, and that no
+other user on the machine can reach.
+
+Answers outside the gateway, as etcd 3.4.23 gives them:
+
+* ``GET /health``: ``{"health":"true"}`` (200) or ``{"health":"false"}``
+  (503) — false while an alarm is raised (``?exclude=NOSPACE`` ignores that
+  one) or when a read of the store fails or takes over a second (a stopped
+  or failed store); other methods get 405 with ``Allow: GET``;
+* ``GET /version``: ``{"etcdserver":"3.6.14","etcdcluster":"3.6.0"}`` for
+  ``--emulated-version 3.6.14``;
+* ``/metrics``: Prometheus' text format (``metrics.py``);
+* ``/v3`` redirects to ``/v3/``; ``/v3beta/...`` is ``/v3/...``;
+  ``OPTIONS`` on any path answers 200 with etcd's CORS headers, which every
+  answer of the client listener carries; any other path 404
+  ``404 page not found``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import shutil
+import ssl
+import tempfile
+from dataclasses import dataclass
+
+import grpc
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from mvcckv.pb import rpc_pb2 as pb
+from mvcckv.server.config import Listener
+from mvcckv.server.gateway import Gateway, text_error
+from mvcckv.server.metrics import Metrics
+from mvcckv.server.node import Node
+from mvcckv.server.tls import ServerTLS
+
+log = logging.getLogger("mvcckv.server")
+
+HEALTH_TIMEOUT = 1.0
+"""Seconds the health check's read may take (etcd's QGET timeout)."""
+
+_CORS = {
+    "Access-Control-Allow-Origin": "*",
+    "Access-Control-Allow-Methods": "POST, GET, OPTIONS, PUT, DELETE",
+    "Access-Control-Allow-Headers": "accept, content-type, authorization",
+}
+
+# Bodies are handed to the gRPC services, which enforce
+# --max-request-bytes with etcd's messages; this cap only stops a client
+# from making the gateway buffer without end (base64 makes a value 4/3 as
+# long, and JSON adds a little).
+_BODY_OVERHEAD = 2
+
+
+@dataclass(frozen=True)
+class _Site:
+    listener: Listener
+    runner: web.AppRunner
+
+
+class Loopback:
+    """The private unix socket the gateway calls the gRPC services on."""
+
+    def __init__(self):
+        self._dir = tempfile.mkdtemp(prefix="mvcckv-gw-")  # mode 0700
+        self.path = os.path.join(self._dir, "grpc.sock")
+
+    @property
+    def target(self) -> str:
+        return f"unix:{self.path}"
+
+    def channel(self) -> grpc.aio.Channel:
+        return grpc.aio.insecure_channel(self.target, options=[
+            ("grpc.max_receive_message_length", -1),
+            ("grpc.max_send_message_length", -1),
+            ("grpc.enable_http_proxy", 0),
+        ])
+
+    def remove(self) -> None:
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+
+class HttpServer:
+    def __init__(self, node: Node, metrics: Metrics, channel: grpc.aio.Channel, max_request_bytes: int):
+        self._node = node
+        self._metrics = metrics
+        self._channel = channel
+        self._gateway = Gateway(channel)
+        self._max_body = (max_request_bytes + 512 * 1024) * _BODY_OVERHEAD
+        self._sites: list[_Site] = []
+
+    async def start(self, listeners: tuple[Listener, ...], metrics_only: bool,
+                    server_tls: ServerTLS | None) -> list[str]:
+        """Bind every listener; returns their URLs (with the port a 0 got).
+        Raises OSError when an address cannot be bound."""
+        app = web.Application(client_max_size=self._max_body)
+        app.router.add_route("*", "/{tail:.*}", self._metrics_only if metrics_only else self._client)
+        if not metrics_only:
+            app.on_response_prepare.append(_add_cors)
+        urls = []
+        for listener in listeners:
+            # The handler of a stream is cancelled when its client goes
+            # away, which ends the gRPC stream behind it (a watch).
+            runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+            await runner.setup()
+            context = _ssl_context(server_tls) if listener.secure else None
+            site = web.TCPSite(runner, listener.host, listener.port, ssl_context=context,
+                               reuse_address=True, reuse_port=False)
+            try:
+                await site.start()
+            except OSError:
+                await runner.cleanup()
+                raise
+            self._sites.append(_Site(listener, runner))
+            port = site._server.sockets[0].getsockname()[1]  # the port a :0 listener got
+            urls.append(listener.url if port == listener.port else f"{listener.scheme}://{listener.host}:{port}")
+        return urls
+
+    async def stop(self) -> None:
+        for site in self._sites:
+            await site.runner.cleanup()
+        self._sites.clear()
+        await self._channel.close()
+
+    # -- dispatch --
+
+    async def _client(self, request: web.Request) -> web.StreamResponse:
+        path = request.path
+        if request.method == "OPTIONS":
+            return web.Response(status=200)
+        if path.startswith("/v3beta/"):
+            path = "/v3/" + path[len("/v3beta/"):]
+        if path == "/v3":
+            raise web.HTTPMovedPermanently("/v3/")
+        if path.startswith("/v3/"):
+            return await self._gateway.handle(request, path)
+        if path == "/version":
+            return self._version(request)
+        return await self._metrics_only(request)
+
+    async def _metrics_only(self, request: web.Request) -> web.StreamResponse:
+        if request.path == "/metrics":
+            return web.Response(body=generate_latest(self._metrics.registry),
+                                headers={"Content-Type": CONTENT_TYPE_LATEST})
+        if request.path == "/health":
+            return await self._health(request)
+        return text_error(404, "404 page not found")
+
+    # -- /health and /version --
+
+    async def _health(self, request: web.Request) -> web.Response:
+        if request.method != "GET":
+            return text_error(405, "Method Not Allowed", {"Allow": "GET"})
+        healthy = await self.healthy(request.query.getall("exclude", []))
+        self._metrics.health_checked(healthy)
+        body = json.dumps({"health": "true" if healthy else "false"}, separators=(",", ":"))
+        if not healthy:
+            return text_error(503, body)
+        return web.Response(text=body, content_type="text/plain", charset="utf-8")
+
+    async def healthy(self, excluded_alarms: list[str]) -> bool:
+        store = self._node.store
+        for _, alarm in store.alarms():
+            if pb.AlarmType.Name(alarm) not in excluded_alarms:
+                return False
+        # etcd reads through raft (a QGET) with a one second timeout; here a
+        # point read of the store proves it open and answering.
+        try:
+            if getattr(store, "reads_may_block", False):
+                await asyncio.wait_for(asyncio.to_thread(store.get_kv, b"health"), HEALTH_TIMEOUT)
+            else:
+                store.get_kv(b"health")
+        except Exception as err:  # noqa: BLE001 - any failure is "unhealthy", logged
+            log.warning("/health: the store does not answer: %s", err)
+            return False
+        return True
+
+    def _version(self, request: web.Request) -> web.Response:
+        if request.method not in ("GET", "HEAD"):
+            return text_error(405, "Method Not Allowed", {"Allow": "GET,HEAD"})
+        body = {"etcdserver": self._node.version, "etcdcluster": self._node.storage_version}
+        return web.Response(body=json.dumps(body, separators=(",", ":")).encode(), content_type="application/json")
+
+
+async def _add_cors(request: web.Request, response: web.StreamResponse) -> None:
+    response.headers.update(_CORS)
+
+
+def _ssl_context(server_tls: ServerTLS | None) -> ssl.SSLContext:
+    """The https listeners' TLS: the gRPC listeners' certificate and client
+    certificate rules."""
+    assert server_tls is not None, "Config checks that https:// listeners have TLS settings"
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    # ssl reads a key pair only from files: written to a private
+    # directory, loaded, and removed at once.
+    scratch = tempfile.mkdtemp(prefix="mvcckv-tls-")
+    try:
+        cert, key = os.path.join(scratch, "cert.pem"), os.path.join(scratch, "key.pem")
+        for path, data in ((cert, server_tls.certificate_chain), (key, server_tls.private_key)):
+            with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:
+                f.write(data)
+        context.load_cert_chain(cert, key)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    if server_tls.trusted_ca is not None:
+        context.load_verify_locations(cadata=server_tls.trusted_ca.decode())
+    if server_tls.require_client_cert:
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
