@@ -19,9 +19,11 @@ Answers outside the gateway, as etcd 3.4.23 gives them:
 * ``GET /health``: ``{"health":"true"}`` (200) or ``{"health":"false"}``
   (503) — false while an alarm is raised (``?exclude=NOSPACE`` ignores that
   one) or when a read of the store fails or takes over a second (a stopped
-  or failed store); other methods get 405 with ``Allow: GET``;
-* ``GET /version``: ``{"etcdserver":"3.6.14","etcdcluster":"3.6.0"}`` for
-  ``--emulated-version 3.6.14``;
+  or failed store); from 3.5 on (``--emulated-version``) with etcd's
+  ``"reason"`` (``""``, ``"ALARM NOSPACE"``, ``"RANGE ERROR:..."``); other
+  methods get 405 with ``Allow: GET``;
+* ``GET /version``: ``{"etcdserver":"3.4.23","etcdcluster":"3.4.0"}``, and
+  from 3.6 on ``"storage"`` too (``"3.6.0"``);
 * ``/metrics``: Prometheus' text format (``metrics.py``);
 * ``/v3`` redirects to ``/v3/``; ``/v3beta/...`` is ``/v3/...``;
   ``OPTIONS`` on any path answers 200 with etcd's CORS headers, which every
@@ -105,6 +107,8 @@ class HttpServer:
         self._gateway = Gateway(channel)
         self._max_body = (max_request_bytes + 512 * 1024) * _BODY_OVERHEAD
         self._sites: list[_Site] = []
+        # /health gained "reason" in 3.5, /version "storage" in 3.6.
+        self._release = tuple(int(part) for part in node.version.split(".")[:2])
 
     async def start(self, listeners: tuple[Listener, ...], metrics_only: bool,
                     server_tls: ServerTLS | None) -> list[str]:
@@ -168,20 +172,25 @@ class HttpServer:
     async def _health(self, request: web.Request) -> web.Response:
         if request.method != "GET":
             return text_error(405, "Method Not Allowed", {"Allow": "GET"})
-        healthy = await self.healthy(request.query.getall("exclude", []))
-        self._metrics.health_checked(healthy)
-        body = json.dumps({"health": "true" if healthy else "false"}, separators=(",", ":"))
-        if not healthy:
+        reason = await self.unhealthy_reason(request.query.getall("exclude", []))
+        self._metrics.health_checked(reason is None)
+        answer = {"health": "false" if reason is not None else "true"}
+        if self._release >= (3, 5):
+            answer["reason"] = reason or ""
+        body = json.dumps(answer, separators=(",", ":"))
+        if reason is not None:
             return text_error(503, body)
         return web.Response(text=body, content_type="text/plain", charset="utf-8")
 
-    async def healthy(self, excluded_alarms: list[str]) -> bool:
+    async def unhealthy_reason(self, excluded_alarms: list[str]) -> str | None:
+        """None when healthy, else etcd 3.6's reason."""
         store = self._node.store
         for _, alarm in store.alarms():
-            if pb.AlarmType.Name(alarm) not in excluded_alarms:
-                return False
-        # etcd reads through raft (a QGET) with a one second timeout; here a
-        # point read of the store proves it open and answering.
+            name = pb.AlarmType.Name(alarm)
+            if name not in excluded_alarms:
+                return f"ALARM {name if name in ('NOSPACE', 'CORRUPT') else 'UNKNOWN'}"
+        # etcd reads through raft with a timeout; here a point read of the
+        # store proves it open and answering.
         try:
             if getattr(store, "reads_may_block", False):
                 await asyncio.wait_for(asyncio.to_thread(store.get_kv, b"health"), HEALTH_TIMEOUT)
@@ -189,13 +198,15 @@ class HttpServer:
                 store.get_kv(b"health")
         except Exception as err:  # noqa: BLE001 - any failure is "unhealthy", logged
             log.warning("/health: the store does not answer: %s", err)
-            return False
-        return True
+            return f"RANGE ERROR:{err or type(err).__name__}"
+        return None
 
     def _version(self, request: web.Request) -> web.Response:
         if request.method not in ("GET", "HEAD"):
             return text_error(405, "Method Not Allowed", {"Allow": "GET,HEAD"})
         body = {"etcdserver": self._node.version, "etcdcluster": self._node.storage_version}
+        if self._release >= (3, 6):
+            body["storage"] = self._node.storage_version
         return web.Response(body=json.dumps(body, separators=(",", ":")).encode(), content_type="application/json")
 
 
