@@ -463,6 +463,11 @@ class Store(Admission, AuthAdmin):
             self._queue.put((kind, data, req, fut))
         return fut
 
+    @property
+    def pending_proposals(self) -> int:
+        """Requests queued for the writer (etcd_server_proposals_pending)."""
+        return self._queue.qsize()
+
     def _check_open(self) -> None:
         if self._fatal is not None:
             raise errors.StoppedError(f"etcdserver: server stopped: {self._fatal}")
@@ -983,9 +988,12 @@ class Store(Admission, AuthAdmin):
             txn = self._backend.begin_read()
             try:
                 view = _ReadView(self, txn, self._current, self._compact_rev)
-                resp = txnmod.execute_range(view, req)
-                self.stats.ended(view.ranges, 0, 0)
-                return resp
+                try:
+                    return txnmod.execute_range(view, req)
+                finally:
+                    # Counted also when refused (a future revision), as etcd
+                    # counts a range its store transaction began.
+                    self.stats.ended(view.ranges, 0, 0)
             finally:
                 txn.abort()
 
@@ -999,9 +1007,10 @@ class Store(Admission, AuthAdmin):
                 txn = self._backend.begin_read()
                 try:
                     view = _ReadView(self, txn, self._current, self._compact_rev)
-                    resp = txnmod.apply_txn(view, req)
-                    self.stats.ended(view.ranges, 0, 0)
-                    return resp
+                    try:
+                        return txnmod.apply_txn(view, req)
+                    finally:
+                        self.stats.ended(view.ranges, 0, 0)
                 finally:
                     txn.abort()
         return self.propose(KIND_TXN, req).result()

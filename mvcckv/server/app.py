@@ -280,8 +280,14 @@ def build_guard(node: Node, config: Config) -> Guard:
     return guard
 
 
-def build_server(node: Node, config: Config) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
-    server = grpc.aio.server(options=grpc_options(config), interceptors=[MetadataInterceptor()])
+def build_server(node: Node, config: Config,
+                 metrics: Metrics | None = None) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
+    # The metrics interceptor comes first so that it counts every call,
+    # also those the metadata checks refuse.
+    interceptors = [MetadataInterceptor()]
+    if metrics is not None:
+        interceptors.insert(0, metrics.grpc)
+    server = grpc.aio.server(options=grpc_options(config), interceptors=interceptors)
     guard = build_guard(node, config)
     rpc_pb2_grpc.add_KVServicer_to_server(KVServicer(node, guard), server)
     node.store.watch_hub.progress_interval = config.watch_progress_notify_interval
@@ -353,8 +359,8 @@ async def serve(config: Config) -> int:
     http = None
     loopback = None
     try:
-        metrics = Metrics()
-        server, health_servicer = build_server(node, config)
+        metrics = Metrics(node)
+        server, health_servicer = build_server(node, config, metrics)
         urls = []
         for listener in config.listeners:
             port = _bind(server, listener, credentials)

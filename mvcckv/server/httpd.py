@@ -161,8 +161,9 @@ class HttpServer:
 
     async def _metrics_only(self, request: web.Request) -> web.StreamResponse:
         if request.path == "/metrics":
-            return web.Response(body=generate_latest(self._metrics.registry),
-                                headers={"Content-Type": CONTENT_TYPE_LATEST})
+            # Off the loop: the PostgreSQL engine's status is a query.
+            body = await asyncio.to_thread(generate_latest, self._metrics.registry)
+            return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
         if request.path == "/health":
             return await self._health(request)
         return text_error(404, "404 page not found")
