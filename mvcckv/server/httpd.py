@@ -44,7 +44,7 @@ from dataclasses import dataclass
 
 import grpc
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import generate_latest
 
 from mvcckv.pb import rpc_pb2 as pb
 from mvcckv.server.config import Listener
@@ -57,6 +57,10 @@ log = logging.getLogger("mvcckv.server")
 
 HEALTH_TIMEOUT = 1.0
 """Seconds the health check's read may take (etcd's QGET timeout)."""
+
+# The text format etcd (and every Prometheus) speaks; generate_latest
+# writes it for names that need no escaping, which all of ours are.
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 _CORS = {
     "Access-Control-Allow-Origin": "*",
@@ -163,7 +167,7 @@ class HttpServer:
         if request.path == "/metrics":
             # Off the loop: the PostgreSQL engine's status is a query.
             body = await asyncio.to_thread(generate_latest, self._metrics.registry)
-            return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+            return web.Response(body=body, headers={"Content-Type": METRICS_CONTENT_TYPE})
         if request.path == "/health":
             return await self._health(request)
         return text_error(404, "404 page not found")
