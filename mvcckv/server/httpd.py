@@ -40,7 +40,6 @@ import os
 import shutil
 import ssl
 import tempfile
-from dataclasses import dataclass
 
 import grpc
 from aiohttp import web
@@ -75,12 +74,6 @@ _CORS = {
 _BODY_OVERHEAD = 2
 
 
-@dataclass(frozen=True)
-class _Site:
-    listener: Listener
-    runner: web.AppRunner
-
-
 class Loopback:
     """The private unix socket the gateway calls the gRPC services on."""
 
@@ -110,7 +103,7 @@ class HttpServer:
         self._channel = channel
         self._gateway = Gateway(channel)
         self._max_body = (max_request_bytes + 512 * 1024) * _BODY_OVERHEAD
-        self._sites: list[_Site] = []
+        self._runners: list[web.AppRunner] = []
         # /health gained "reason" in 3.5, /version "storage" in 3.6.
         self._release = tuple(int(part) for part in node.version.split(".")[:2])
 
@@ -122,29 +115,25 @@ class HttpServer:
         app.router.add_route("*", "/{tail:.*}", self._metrics_only if metrics_only else self._client)
         if not metrics_only:
             app.on_response_prepare.append(_add_cors)
+        # The handler of a stream is cancelled when its client goes away,
+        # which ends the gRPC stream behind it (a watch).
+        runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+        await runner.setup()
+        self._runners.append(runner)
         urls = []
         for listener in listeners:
-            # The handler of a stream is cancelled when its client goes
-            # away, which ends the gRPC stream behind it (a watch).
-            runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
-            await runner.setup()
             context = _ssl_context(server_tls) if listener.secure else None
             site = web.TCPSite(runner, listener.host, listener.port, ssl_context=context,
                                reuse_address=True, reuse_port=False)
-            try:
-                await site.start()
-            except OSError:
-                await runner.cleanup()
-                raise
-            self._sites.append(_Site(listener, runner))
-            port = site._server.sockets[0].getsockname()[1]  # the port a :0 listener got
+            await site.start()
+            port = runner.addresses[-1][1]  # the port a :0 listener got
             urls.append(listener.url if port == listener.port else f"{listener.scheme}://{listener.host}:{port}")
         return urls
 
     async def stop(self) -> None:
-        for site in self._sites:
-            await site.runner.cleanup()
-        self._sites.clear()
+        for runner in self._runners:
+            await runner.cleanup()
+        self._runners.clear()
         await self._channel.close()
 
     # -- dispatch --
