@@ -4,7 +4,8 @@ discovery, put/get/prefix/delete/replace/create, transactions, leases,
 locks, watches and status.  etcd3gw reads etcd's JSON exactly as etcd
 writes it (``"deleted"`` present only when something was deleted,
 ``"succeeded"`` only when true, base64 keys), so every call checks the
-gateway's field names and omissions as well as the semantics."""
+gateway's field names and omissions as well as the semantics.  Runs on
+both engines (LMDB and PostgreSQL)."""
 
 from __future__ import annotations
 
@@ -13,16 +14,23 @@ import threading
 import pytest
 from etcd3gw.client import Etcd3Client
 
-from http_harness import HttpMvcckv
+from http_harness import HttpMvcckv, request
 
 
 @pytest.fixture(scope="module")
-def client(tmp_path_factory):
-    root = tmp_path_factory.mktemp("etcd3gw")
-    with HttpMvcckv(root / "data", log_path=root / "mvcckv.log") as server:
+def served(engine, tmp_path_factory):
+    root = tmp_path_factory.mktemp(f"etcd3gw-{engine.name}")
+    backend = engine.new_backend()
+    extra = ("--backend", backend) if backend else ()
+    with HttpMvcckv(root / "data", log_path=root / "mvcckv.log", extra_args=extra) as server:
         gw = Etcd3Client(host="127.0.0.1", port=server.http_port, timeout=10)
-        yield gw
+        yield server, gw
         gw.session.close()
+
+
+@pytest.fixture
+def client(served):
+    return served[1]
 
 
 def test_discovers_v3_and_reads_status_and_members(client):
@@ -125,3 +133,19 @@ def test_transaction(client):
     })
     assert "succeeded" not in again
     assert again["responses"][0]["response_range"]["kvs"][0]["value"] == base64.b64encode(b"v").decode()
+
+
+def test_metrics_after_the_client_session(served, engine):
+    """/metrics scrapes on either engine; the client's calls were counted."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    server, _ = served
+    text = request(server.metrics_url, "GET", "/metrics").body.decode()
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    puts = [s.value for s in families["grpc_server_handled"].samples
+            if s.labels["grpc_method"] == "Put" and s.labels["grpc_code"] == "OK"]
+    assert puts == [pytest.approx(puts[0])] and puts[0] >= 4
+    assert families["etcd_mvcc_db_total_size_in_bytes"].samples[0].value > 0
+    assert families["etcd_debugging_mvcc_keys_total"].samples[0].value >= 1
+    # The engine's operation counters are LMDB's (mvcckv.stats).
+    assert ("etcd_mvcc_put" in families) == (engine.name == "lmdb")
