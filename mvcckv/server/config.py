@@ -8,6 +8,11 @@ Differences from etcd, on purpose:
   which sync their endpoint list from MemberList (``clientURLs``) reach a
   URL the server really listens on.
 * Listen URLs are ``http://`` or ``https://`` (no unix sockets).
+* The ``--listen-client-urls`` speak gRPC only; etcd's JSON gateway,
+  ``/health``, ``/version`` and ``/metrics`` are served on
+  ``--listen-client-http-urls`` (etcd 3.5's flag), because grpcio cannot
+  share a listening socket with an HTTP/1.1 server the way etcd 3.4's cmux
+  does.  An address given to two listeners is refused.
 * ``--client-cert-auth`` needs ``--trusted-ca-file`` (etcd would fall back
   to the system's CAs), and it stays on with ``--auto-tls`` (etcd's
   generated certificate silently drops it).
@@ -67,12 +72,12 @@ _FLAGS: tuple[tuple[str, str | None, str], ...] = (
      "Comma-separated http:// or https:// URLs to serve clients on (https:// needs --cert-file "
      "and --key-file, or --auto-tls); the host must be an IP address or localhost and only that "
      "address is bound."),
-    ("listen-client-http-urls", "",
+    ("listen-client-http-urls", None,
      "Comma-separated http:// or https:// URLs serving etcd's JSON gateway (POST /v3/...), "
      "/health, /version and /metrics over HTTP/1.1 (etcd 3.5's flag). The --listen-client-urls "
      "speak gRPC only: etcd 3.4 serves both on one port, mvcckv's gRPC server (grpcio) cannot "
      "share its sockets with an HTTP/1.1 server, so give the HTTP side a port of its own."),
-    ("listen-metrics-urls", "",
+    ("listen-metrics-urls", None,
      "Comma-separated http:// or https:// URLs serving only /metrics and /health (etcd's flag)."),
     ("advertise-client-urls", None,
      "Comma-separated client URLs to advertise in MemberList (default: the listen URLs)."),
