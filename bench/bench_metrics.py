@@ -64,8 +64,78 @@ def serve_without_grpc_metrics(serve_args: list[str]) -> int:
     return args.func(args)
 
 
+def micro(calls: int, repeats: int) -> str:
+    """CPU time the interceptor adds to one unary call, measured in-process:
+    the same handler lookup and call, through ``GrpcMetrics`` and without
+    it, with a servicer that answers a prebuilt Range response at once (so
+    the difference is all interceptor).  Medians over ``repeats``."""
+    import asyncio
+    import statistics
+
+    import grpc
+
+    from mvcckv.pb import rpc_pb2 as pb
+    from mvcckv.server.metrics import GrpcMetrics
+
+    answer = pb.RangeResponse(count=1)
+    answer.header.revision = 2
+    answer.kvs.add(key=b"bench/get", value=b"v" * 256, create_revision=2, mod_revision=2, version=1)
+    raw = pb.RangeRequest(key=b"bench/get", serializable=True).SerializeToString()
+
+    async def behavior(request, context):
+        return answer
+
+    handler = grpc.unary_unary_rpc_method_handler(behavior)
+
+    class Details:
+        method = "/etcdserverpb.KV/Range"
+        invocation_metadata = ()
+
+    class Context:
+        def code(self):
+            return None
+
+    async def continuation(details):
+        return handler
+
+    async def plain(n):
+        ctx, details = Context(), Details()
+        for _ in range(n):
+            await (await continuation(details)).unary_unary(raw, ctx)
+
+    async def counted(n, interceptor):
+        ctx, details = Context(), Details()
+        for _ in range(n):
+            await (await interceptor.intercept_service(continuation, details)).unary_unary(raw, ctx)
+
+    def cpu_us(run) -> float:
+        start = time.process_time()
+        asyncio.run(run)
+        return (time.process_time() - start) / calls * 1e6
+
+    without, with_ = [], []
+    for _ in range(repeats):
+        without.append(cpu_us(plain(calls)))
+        interceptor = GrpcMetrics()
+        with_.append(cpu_us(counted(calls, interceptor)))
+        assert interceptor.handled[("/etcdserverpb.KV/Range", "OK")] == calls
+    a, b = statistics.median(without), statistics.median(with_)
+    return "\n".join([
+        "## gRPC metrics interceptor, in-process (CPU microseconds per unary call)", "",
+        f"    {shlex.quote(sys.executable)} bench/bench_metrics.py --micro --calls {calls} --repeats {repeats}", "",
+        "| path | CPU µs per call (median) |", "|---|---|",
+        f"| handler lookup + call, no interceptor | {a:.2f} |",
+        f"| the same through GrpcMetrics | {b:.2f} |",
+        f"| added by the interceptor | {b - a:.2f} |", "",
+    ])
+
+
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(description="Cost of mvcckv's gRPC metrics interceptor (h2load)")
+    p.add_argument("--micro", action="store_true",
+                   help="only the in-process measurement of the CPU the interceptor adds per call")
+    p.add_argument("--calls", type=int, default=200_000, help="calls per --micro repeat")
+    p.add_argument("--repeats", type=int, default=5, help="--micro repeats (median)")
     p.add_argument("--workload", default=",".join(DEFAULT_WORKLOADS),
                    type=lambda s: gl._parse_list(s, gl.WORKLOAD_NAMES))
     p.add_argument("--concurrency", default=",".join(map(str, DEFAULT_LEVELS)), type=ba._parse_levels)
@@ -80,6 +150,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--tmp-dir")
     p.add_argument("--markdown", help="also write the report to this file")
     args = p.parse_args(argv)
+    if args.micro:
+        print(micro(args.calls, args.repeats))
+        return 0
     if not shutil.which(args.h2load):
         p.error(f"h2load not found ({args.h2load}); install the nghttp2-client package")
 
