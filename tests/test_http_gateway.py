@@ -188,3 +188,35 @@ def test_request_json_reading():
         with pytest.raises(jsonpb.DecodeError) as err:
             jsonpb.parse(body, pb.RangeRequest)
         assert str(err.value) == message
+
+
+def test_health_of_a_stopped_store(tmp_path):
+    """A store that no longer answers makes /health false with etcd 3.6's
+    reason (a live server closes its HTTP listeners before its store, so
+    this is checked on the health check itself)."""
+    import asyncio
+
+    import grpc
+
+    import mvcckv
+    from mvcckv.server.httpd import HttpServer
+    from mvcckv.server.metrics import Metrics
+    from mvcckv.server.node import Node
+
+    store = mvcckv.open(str(tmp_path / "data"))
+    node = Node(store=store, name="n", member_id=1, cluster_id=2, peer_urls=(), client_urls=(),
+                version="3.6.14", quota_bytes=0)
+
+    async def check():
+        channel = grpc.aio.insecure_channel(f"unix:{tmp_path / 'nowhere.sock'}")
+        try:
+            http = HttpServer(node, Metrics(node), channel, 1024)
+            before = await http.unhealthy_reason([])
+            store.close()
+            return before, await http.unhealthy_reason([])
+        finally:
+            await channel.close()
+
+    before, after = asyncio.run(check())
+    assert before is None
+    assert after == "RANGE ERROR:etcdserver: server stopped"
