@@ -4,8 +4,10 @@ on grpc_load.py and bench_auth.py's server handling.
 
 One invocation starts, on free loopback ports with fresh data dirs:
 
-``mvcckv``            as shipped: the metrics interceptor
-                      (``mvcckv.server.metrics.GrpcMetrics``) counts every call
+``mvcckv``            as shipped with ``--listen-metrics-urls``: the metrics
+                      interceptor (``mvcckv.server.metrics.GrpcMetrics``)
+                      counts every call (a server without HTTP listeners does
+                      not count, and pays nothing)
 ``mvcckv-nometrics``  the same server without that interceptor (this script
                       re-enters itself with ``--serve-without-grpc-metrics``,
                       which builds the server with no metrics interceptor)
@@ -181,9 +183,14 @@ def main(argv: list[str]) -> int:
             port = gl.free_port()
             url = f"http://127.0.0.1:{port}"
 
-            def argv_for(datadir: str, command=command, url=url) -> list[str]:
+            # Every server serves /metrics (gRPC calls are counted only
+            # then); the listener stays idle during the load.
+            metrics_url = f"http://127.0.0.1:{gl.free_port()}"
+
+            def argv_for(datadir: str, command=command, url=url, metrics_url=metrics_url) -> list[str]:
                 return [*command, "--name", "bench", "--data-dir", datadir,
-                        "--listen-client-urls", url, "--advertise-client-urls", url]
+                        "--listen-client-urls", url, "--advertise-client-urls", url,
+                        "--listen-metrics-urls", metrics_url]
             srv = stack.enter_context(ba.started(name, argv_for, url, server_cpus, args.tmp_dir))
             log(f"# started {name} on {url} (pid {srv.pid})")
             endpoints.append(gl.Endpoint(name, url, srv.pid, ()))

@@ -220,3 +220,17 @@ def test_health_of_a_stopped_store(tmp_path):
     before, after = asyncio.run(check())
     assert before is None
     assert after == "RANGE ERROR:etcdserver: server stopped"
+
+
+def test_a_taken_http_port_stops_the_server_with_etcds_words(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        run = subprocess.run(
+            [sys.executable, "-m", "mvcckv", "serve", "--data-dir", str(tmp_path / "d"),
+             "--listen-client-urls", "http://127.0.0.1:0",
+             "--listen-client-http-urls", f"http://127.0.0.1:{port}"],
+            capture_output=True, text=True, timeout=30, cwd=REPO_ROOT)
+    assert run.returncode == 1
+    assert f"listen tcp 127.0.0.1:{port}: bind: address already in use" in run.stderr

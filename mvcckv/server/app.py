@@ -359,14 +359,17 @@ async def serve(config: Config) -> int:
     http = None
     loopback = None
     try:
-        metrics = Metrics(node)
+        # Counting gRPC calls costs a little on each; only done when some
+        # listener serves /metrics.
+        serves_http = bool(config.http_listeners or config.metrics_listeners)
+        metrics = Metrics(node) if serves_http else None
         server, health_servicer = build_server(node, config, metrics)
         urls = []
         for listener in config.listeners:
             port = _bind(server, listener, credentials)
             urls.append(listener.url if port == listener.port else
                         f"{listener.scheme}://{listener.address.rpartition(':')[0]}:{port}")
-        if config.http_listeners or config.metrics_listeners:
+        if serves_http:
             loopback = httpd.Loopback()
             if server.add_insecure_port(loopback.target) == 0:
                 raise BindError(f"cannot listen on the gateway's unix socket {loopback.path}")
@@ -378,7 +381,7 @@ async def serve(config: Config) -> int:
                 urls += await http.start(config.http_listeners, False, server_tls)
                 metrics_urls = await http.start(config.metrics_listeners, True, server_tls)
             except OSError as err:
-                raise BindError(f"listen tcp: {_go_style(err.strerror or str(err))}") from None
+                raise BindError(err.strerror or str(err)) from None
             if metrics_urls:
                 log.info("serving /metrics and /health on %s", ", ".join(metrics_urls))
         comp_task = start_compactor(node, config)

@@ -125,7 +125,13 @@ class HttpServer:
             context = _ssl_context(server_tls) if listener.secure else None
             site = web.TCPSite(runner, listener.host, listener.port, ssl_context=context,
                                reuse_address=True, reuse_port=False)
-            await site.start()
+            try:
+                await site.start()
+            except OSError as err:
+                reason = os.strerror(err.errno) if err.errno else str(err)
+                # etcd's (Go's) wording, which tools grep for.
+                raise OSError(err.errno, f"listen tcp {listener.address}: bind: {reason[:1].lower()}{reason[1:]}") \
+                    from None
             port = runner.addresses[-1][1]  # the port a :0 listener got
             urls.append(listener.url if port == listener.port else f"{listener.scheme}://{listener.host}:{port}")
         return urls

@@ -66,6 +66,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 
 from mvcckv.pb import rpc_pb2 as pb
 from mvcckv.server.node import Node
+from mvcckv.store import DEFAULT_QUOTA
 
 # grpc-go's names of the codes (grpc_code label), in code order.
 GO_CODE_NAMES = {
@@ -354,7 +355,7 @@ class Metrics:
         server_id.add_metric([f"{node.member_id:x}"], 1)
         yield server_id
         yield GaugeMetricFamily("etcd_server_quota_backend_bytes", "Current backend storage quota size in bytes.",
-                                value=node.quota_bytes if node.quota_bytes else DEFAULT_QUOTA_BYTES)
+                                value=node.quota_bytes or DEFAULT_QUOTA)
         yield GaugeMetricFamily("etcd_mvcc_db_total_size_in_bytes",
                                 "Total size of the underlying database physically allocated in bytes.",
                                 value=status.db_size)
@@ -406,10 +407,6 @@ class Metrics:
              "The total number of expired leases."),
         ):
             yield CounterMetricFamily(name, doc, value=value)
-
-
-DEFAULT_QUOTA_BYTES = 2 * 1024**3
-"""etcd's quota when --quota-backend-bytes is 0."""
 
 
 class _Collected:
