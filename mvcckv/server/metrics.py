@@ -164,7 +164,7 @@ class GrpcMetrics(grpc.aio.ServerInterceptor):
                 handled[(method, code)] += 1
                 if code == "OK":
                     sent[method] += 1
-                    self.sent_bytes += resp.ByteSize()
+                    self.sent_bytes += _size(resp)
                 return resp
 
             return grpc.unary_unary_rpc_method_handler(unary, **options)
@@ -265,6 +265,11 @@ class GrpcMetrics(grpc.aio.ServerInterceptor):
                                   "The total number of bytes sent to grpc clients.", value=self.sent_bytes)
 
 
+def _size(message) -> int:
+    # A raw-bytes handler answers already serialized messages.
+    return len(message) if type(message) is bytes else message.ByteSize()
+
+
 def _code(context, default: str) -> str:
     """The code the call ended with: what the servicer set or aborted
     with, else ``default`` (OK on return, Unknown on an exception)."""
@@ -284,7 +289,7 @@ class _CountingContext:
 
     def count(self, resp) -> None:
         self._metrics.sent[self._method] += 1
-        self._metrics.sent_bytes += resp.ByteSize()
+        self._metrics.sent_bytes += _size(resp)
 
     async def write(self, resp) -> None:
         await self._context.write(resp)
