@@ -115,7 +115,7 @@ def post(base: str, path: str, body: bytes | str | dict | None = None, token: st
 
 
 def stream(base: str, path: str, body: bytes | str | dict, *, max_chunks: int,
-           timeout: float = 3.0) -> Iterator[bytes]:
+           timeout: float = 3.0, token: str | None = None) -> Iterator[bytes]:
     """The chunks of a chunked answer, read off the socket as they come
     (raw, so that a message split across chunks would show), until
     ``max_chunks`` or the end of the answer or ``timeout`` without data."""
@@ -126,8 +126,9 @@ def stream(base: str, path: str, body: bytes | str | dict, *, max_chunks: int,
         body = body.encode()
     sock = socket.create_connection((parts.hostname, parts.port), timeout=timeout)
     try:
+        auth = b"Authorization: " + token.encode() + b"\r\n" if token else b""
         sock.sendall(b"POST " + path.encode() + b" HTTP/1.1\r\nHost: " + parts.netloc.encode()
-                     + b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+                     + b"\r\n" + auth + b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
         reader = sock.makefile("rb")
         status = reader.readline()
         assert b" 200 " in status, status

@@ -215,8 +215,8 @@ def test_oversize_requests_answer_as_etcd(pair):
         want.json["message"].lower().removeprefix("grpc: ")
 
 
-def chunks(base, path, body, n, timeout=2.0):
-    return [json.loads(c) for c in stream(base, path, body, max_chunks=n, timeout=timeout)]
+def chunks(base, path, body, n, timeout=2.0, token=None):
+    return [json.loads(c) for c in stream(base, path, body, max_chunks=n, timeout=timeout, token=token)]
 
 
 def test_watch_streams_as_etcd(pair):
@@ -237,6 +237,15 @@ def test_keepalive_streams_as_etcd(pair):
         got = chunks(pair[1], "/v3/lease/keepalive", {"ID": lease}, 3)
         assert normalize(got) == normalize(want) and len(got) == 1
     same(pair, "/v3/lease/revoke", {"ID": 8888})
+
+
+def test_watch_progress_request_answers_as_etcd(pair):
+    etcd, mvcckv = pair
+    body = json.dumps({"create_request": {"key": K}}) + "\n" + json.dumps({"progress_request": {}})
+    want = chunks(etcd, "/v3/watch", body, 2)
+    got = chunks(mvcckv, "/v3/watch", body, 2)
+    assert normalize(got) == normalize(want)
+    assert got[1]["result"]["watch_id"] == "-1"
 
 
 def test_watch_bad_first_request_answers_as_etcd(pair):
@@ -306,5 +315,17 @@ def test_auth_answers_as_etcd(auth_pair):
     assert bearer[0].status == 401 and bearer[0].json["message"] == "etcdserver: invalid auth token"
     assert bearer[1].status == 200 and bearer[1].json["count"] == "1"
     same(pair, "/v3/auth/user/list", {}, token=alice)
+    # Streams carry the token too.
+    watch = {"create_request": {"key": b64("a1")}}
+    for token in (root, alice):
+        want = chunks(pair[0], "/v3/watch", watch, 1, token=token[0])
+        got = chunks(pair[1], "/v3/watch", watch, 1, token=token[1])
+        assert normalize(got) == normalize(want) and got[0]["result"]["created"] is True
+    # A watch the user may not read, and one without a token.
+    for token in (alice, (None, None)):
+        forbidden = {"create_request": {"key": b64("z")}}
+        want = chunks(pair[0], "/v3/watch", forbidden, 2, token=token[0])
+        got = chunks(pair[1], "/v3/watch", forbidden, 2, token=token[1])
+        assert normalize(got) == normalize(want), (token, want, got)
     same(pair, "/v3/auth/disable", {}, token=root)
     same(pair, "/v3/kv/range", {"key": b64("a1")})
