@@ -327,5 +327,7 @@ def test_auth_answers_as_etcd(auth_pair):
         want = chunks(pair[0], "/v3/watch", forbidden, 2, token=token[0])
         got = chunks(pair[1], "/v3/watch", forbidden, 2, token=token[1])
         assert normalize(got) == normalize(want), (token, want, got)
+        # etcd answers created, then canceled with the reason.
+        assert got[-1]["result"]["canceled"] is True and got[-1]["result"]["cancel_reason"], got
     same(pair, "/v3/auth/disable", {}, token=root)
     same(pair, "/v3/kv/range", {"key": b64("a1")})
