@@ -184,7 +184,7 @@ def test_paths_and_methods_answer_as_etcd(pair):
         ("GET", "/v3/kv/range"), ("PUT", "/v3/kv/put"), ("DELETE", "/v3/kv/range"),
         ("POST", "/v3/nope"), ("POST", "/v3/"), ("POST", "/v3/kv"), ("GET", "/nope"), ("GET", "/"),
         ("POST", "/v3alpha/kv/range"), ("GET", "/health"), ("POST", "/health"), ("GET", "/version"),
-        ("POST", "/version"), ("OPTIONS", "/v3/kv/range"),
+        ("POST", "/version"), ("OPTIONS", "/v3/kv/range"), ("GET", "/livez"), ("GET", "/readyz"),
     ]
     for method, path in cases:
         want = request(etcd, method, path, b"{}" if method == "POST" else None)

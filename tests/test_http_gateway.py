@@ -234,3 +234,31 @@ def test_a_taken_http_port_stops_the_server_with_etcds_words(tmp_path):
             capture_output=True, text=True, timeout=30, cwd=REPO_ROOT)
     assert run.returncode == 1
     assert f"listen tcp 127.0.0.1:{port}: bind: address already in use" in run.stderr
+
+
+def test_livez_and_readyz_as_etcd_3_6(server):
+    for base in (server.http_url, server.metrics_url):
+        assert request(base, "GET", "/livez").body == b"ok\n"
+        assert request(base, "GET", "/readyz").body == b"ok\n"
+    verbose = request(server.http_url, "GET", "/readyz?verbose")
+    assert verbose.body == (b"[+]data_corruption ok\n[+]linearizable_read ok\n[+]non_learner ok\n"
+                            b"[+]serializable_read ok\nok\n")
+    assert request(server.http_url, "GET", "/livez/serializable_read?verbose").body == \
+        b"[+]serializable_read ok\nok\n"
+    assert request(server.http_url, "GET", "/readyz?verbose&exclude=non_learner").body.count(b"[+]") == 3
+    assert request(server.http_url, "GET", "/livez/nope").status == 404
+    assert request(server.http_url, "POST", "/livez", b"").status == 405
+    member = int(post(server.http_url, "/v3/maintenance/status", {}).json["header"]["member_id"])
+    with grpc_channel(server.endpoint) as channel:
+        # Alarm ACTIVATE CORRUPT (alarm type 2) for this member.
+        assert call(channel, "/etcdserverpb.Maintenance/Alarm", pb_encode((1, 1), (2, member), (3, 2))).ok
+        try:
+            ready = request(server.http_url, "GET", "/readyz")
+            assert ready.status == 503
+            assert b"[-]data_corruption failed: alarm activated: CORRUPT\n" in ready.body
+            assert b"[+]serializable_read ok\n" in ready.body
+            assert request(server.http_url, "GET", "/readyz?exclude=data_corruption").status == 200
+            assert request(server.http_url, "GET", "/livez").status == 200
+        finally:
+            assert call(channel, "/etcdserverpb.Maintenance/Alarm", pb_encode((1, 2), (2, member), (3, 2))).ok
+    assert request(server.http_url, "GET", "/readyz").status == 200

@@ -24,6 +24,10 @@ Answers outside the gateway, as etcd 3.4.23 gives them:
   methods get 405 with ``Allow: GET``;
 * ``GET /version``: ``{"etcdserver":"3.4.23","etcdcluster":"3.4.0"}``, and
   from 3.6 on ``"storage"`` too (``"3.6.0"``);
+* from 3.6 on, ``GET /livez`` and ``/readyz`` (and ``/livez/<check>``,
+  ``?exclude=<check>``, ``?verbose``): ``ok``, or 503 listing each check as
+  ``[+]name ok`` / ``[-]name failed: why`` — the checks are etcd's
+  (serializable and linearizable reads, no CORRUPT alarm, not a learner);
 * ``/metrics``: Prometheus' text format (``metrics.py``);
 * ``/v3`` redirects to ``/v3/``; ``/v3beta/...`` is ``/v3/...``;
   ``OPTIONS`` on any path answers 200 with etcd's CORS headers, which every
@@ -53,6 +57,13 @@ from mvcckv.server.node import Node
 from mvcckv.server.tls import ServerTLS
 
 log = logging.getLogger("mvcckv.server")
+
+# etcd 3.6's probes and their checks, in the order they are reported
+# (etcd's own order is that of a Go map: random).
+PROBES = {
+    "livez": ("serializable_read",),
+    "readyz": ("data_corruption", "linearizable_read", "non_learner", "serializable_read"),
+}
 
 HEALTH_TIMEOUT = 1.0
 """Seconds the health check's read may take (etcd's QGET timeout)."""
@@ -165,6 +176,9 @@ class HttpServer:
             return web.Response(body=body, headers={"Content-Type": METRICS_CONTENT_TYPE})
         if request.path == "/health":
             return await self._health(request)
+        kind, _, check = request.path.strip("/").partition("/")
+        if kind in PROBES and self._release >= (3, 6) and (not check or check in PROBES[kind]):
+            return await self._probe(request, kind, check)
         return text_error(404, "404 page not found")
 
     # -- /health and /version --
@@ -182,6 +196,46 @@ class HttpServer:
             return text_error(503, body)
         return web.Response(text=body, content_type="text/plain", charset="utf-8")
 
+    async def _probe(self, request: web.Request, kind: str, check: str) -> web.Response:
+        """etcd 3.6's /livez and /readyz (and /livez/<check>): each check
+        run, ``ok`` or 503 with the ``[+]``/``[-]`` lines of every check."""
+        if request.method != "GET":
+            return text_error(405, "Method Not Allowed", {"Allow": "GET"})
+        excluded = set(request.query.getall("exclude", []))
+        names = [check] if check else [name for name in PROBES[kind] if name not in excluded]
+        lines, failed = [], False
+        for name in names:
+            problem = await self._check(name)
+            failed = failed or problem is not None
+            lines.append(f"[-]{name} failed: {problem}\n" if problem is not None else f"[+]{name} ok\n")
+        report = "".join(lines)
+        if failed:
+            return text_error(503, report)  # Go's http.Error adds a newline to the report's own
+        verbose = report if "verbose" in request.query else ""
+        return web.Response(text=verbose + "ok\n", content_type="text/plain", charset="utf-8",
+                            headers={"X-Content-Type-Options": "nosniff"})
+
+    async def _check(self, name: str) -> str | None:
+        if name == "data_corruption":
+            corrupt = any(alarm == pb.CORRUPT for _, alarm in self._node.store.alarms())
+            return "alarm activated: CORRUPT" if corrupt else None
+        if name == "non_learner":
+            return None  # a single member is never a learner
+        # serializable_read and linearizable_read: one member reads locally either way.
+        return await self._read_problem()
+
+    async def _read_problem(self) -> str | None:
+        store = self._node.store
+        try:
+            if getattr(store, "reads_may_block", False):
+                await asyncio.wait_for(asyncio.to_thread(store.get_kv, b"health"), HEALTH_TIMEOUT)
+            else:
+                store.get_kv(b"health")
+        except Exception as err:  # noqa: BLE001 - any failure is "unhealthy", logged
+            log.warning("health check: the store does not answer: %s", err)
+            return str(err) or type(err).__name__
+        return None
+
     async def unhealthy_reason(self, excluded_alarms: list[str]) -> str | None:
         """None when healthy, else etcd 3.6's reason."""
         store = self._node.store
@@ -191,15 +245,8 @@ class HttpServer:
                 return f"ALARM {name if name in ('NOSPACE', 'CORRUPT') else 'UNKNOWN'}"
         # etcd reads through raft with a timeout; here a point read of the
         # store proves it open and answering.
-        try:
-            if getattr(store, "reads_may_block", False):
-                await asyncio.wait_for(asyncio.to_thread(store.get_kv, b"health"), HEALTH_TIMEOUT)
-            else:
-                store.get_kv(b"health")
-        except Exception as err:  # noqa: BLE001 - any failure is "unhealthy", logged
-            log.warning("/health: the store does not answer: %s", err)
-            return f"RANGE ERROR:{err or type(err).__name__}"
-        return None
+        problem = await self._read_problem()
+        return None if problem is None else f"RANGE ERROR:{problem}"
 
     def _version(self, request: web.Request) -> web.Response:
         if request.method not in ("GET", "HEAD"):
