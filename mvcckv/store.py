@@ -102,6 +102,7 @@ from mvcckv.lease import DEFAULT_MIN_TTL, Lessor, lease_key
 from mvcckv.pb import kv_pb2
 from mvcckv.pb import rpc_pb2 as pb
 from mvcckv.revision import REV_BYTES_LEN, from_bytes, main_prefix, to_bytes
+from mvcckv.stats import EngineStats
 from mvcckv.wal import WAL
 
 log = logging.getLogger("mvcckv.store")
@@ -177,13 +178,15 @@ class StoreStatus:
 class _ReadView:
     """A consistent read of the store at one revision (see txn.py)."""
 
-    __slots__ = ("_store", "_txn", "begin_rev", "first_rev")
+    __slots__ = ("_store", "_txn", "begin_rev", "first_rev", "ranges", "puts", "deletes")
 
     def __init__(self, store: "Store", txn, rev: int, first_rev: int):
         self._store = store
         self._txn = txn
         self.begin_rev = rev
         self.first_rev = first_rev
+        # Operations, for the store's stats (mvcckv.stats).
+        self.ranges = self.puts = self.deletes = 0
 
     @property
     def rev(self) -> int:
@@ -191,6 +194,7 @@ class _ReadView:
 
     def range_keys(self, key: bytes, end: bytes, at_rev: int, limit: int, count_only: bool):
         """(kvs, count, header revision) of keys in range at ``at_rev``."""
+        self.ranges += 1
         cur = self.rev
         rev = read_revision(cur, at_rev, self.first_rev)
         index = self._store._index
@@ -233,6 +237,8 @@ class _WriteView(_ReadView):
 
     def put(self, key: bytes, value: bytes, lease: int) -> int:
         store = self._store
+        self.puts += 1
+        store.stats.put_bytes += len(key) + len(value)
         rev = self.begin_rev + 1
         try:
             _, created, ver = store._index.get(key, rev)
@@ -256,6 +262,7 @@ class _WriteView(_ReadView):
         return rev
 
     def delete_range(self, key: bytes, end: bytes) -> tuple[int, int]:
+        self.deletes += 1
         keys, _, _ = self._store._index.range(key, end, self.rev, 0)
         for k in keys:
             self._delete(k)
@@ -311,6 +318,7 @@ class Store(Admission, AuthAdmin):
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._jobs: queue.Queue = queue.Queue()
         self._alarms: set[tuple[int, int]] = set()
+        self.stats = EngineStats()
         self._backend = Backend(os.path.join(self.path, "db"), quota_bytes=self.options.quota_bytes)
         self._index = TreeIndex()
         self._lessor = Lessor(min_ttl=self.options.min_lease_ttl)
@@ -459,6 +467,11 @@ class Store(Admission, AuthAdmin):
             self._queue.put((kind, data, req, fut))
         return fut
 
+    @property
+    def pending_proposals(self) -> int:
+        """Requests queued for the writer (etcd_server_proposals_pending)."""
+        return self._queue.qsize()
+
     def _check_open(self) -> None:
         if self._fatal is not None:
             raise errors.StoppedError(f"etcdserver: server stopped: {self._fatal}")
@@ -499,7 +512,9 @@ class Store(Admission, AuthAdmin):
                 continue
             logged.append((self._wal.append(kind, data), kind, req, fut))
         if logged:
+            started = time.perf_counter()
             self._wal.sync()
+            self.stats.wal_fsync.observe(time.perf_counter() - started)
         results = []
         changes = []
         if logged:
@@ -514,8 +529,11 @@ class Store(Admission, AuthAdmin):
                             except errors.MvccError as e:
                                 results.append((fut, None, e))
                         txn.put(META_CONSISTENT_INDEX, encode_u64(logged[-1][0]), db=self._backend.meta_db)
+                        started = time.perf_counter()
                         txn.commit()
+                        self.stats.backend_commit.observe(time.perf_counter() - started)
                         self._applied_index = logged[-1][0]
+                        self.stats.proposals_applied += len(logged)
                 except BaseException:
                     txn.abort()
                     raise
@@ -595,6 +613,7 @@ class Store(Admission, AuthAdmin):
         else:
             raise errors.StorageError(f"unknown WAL record type {kind}")
         view.end()
+        self.stats.ended(view.ranges, view.puts, view.deletes)
         if changes is not None and view.changes:
             changes.append((view.begin_rev + 1, view.changes))
         return resp
@@ -766,6 +785,7 @@ class Store(Admission, AuthAdmin):
         txn.put(lease_key(lease.id), lease.encode(), db=self._backend.dbs[LEASE])
         resp = pb.LeaseGrantResponse(ID=lease.id, TTL=lease.ttl)
         resp.header.revision = self._current
+        self.stats.leases_granted += 1
         return resp
 
     def _apply_lease_revoke(self, view: "_WriteView", txn, req: pb.LeaseRevokeRequest):
@@ -774,6 +794,7 @@ class Store(Admission, AuthAdmin):
         for key in self._lessor.revoke(req.ID):
             view.delete_range(key, b"")
         txn.delete(lease_key(req.ID), db=self._backend.dbs[LEASE])
+        self.stats.leases_revoked += 1
         resp = pb.LeaseRevokeResponse()
         resp.header.revision = view.rev
         return resp
@@ -811,6 +832,8 @@ class Store(Admission, AuthAdmin):
             lease = self._lessor.lookup(lease_id)
             had_checkpoint = lease is not None and lease.remaining_ttl > 0
             ttl = self._lessor.renew(lease_id)
+            if ttl:
+                self.stats.leases_renewed += 1
         if ttl and had_checkpoint:
             # The recorded remaining TTL no longer holds; log that, or a
             # restart would resume the old countdown.
@@ -847,6 +870,7 @@ class Store(Admission, AuthAdmin):
     def _expire_leases(self) -> None:
         with self._lock:
             expired = self._lessor.expired(500, self.options.lease_revoke_retry)
+            self.stats.leases_expired += len(expired)
         for lid in expired:
             self.propose(KIND_LEASE_REVOKE, pb.LeaseRevokeRequest(ID=lid))
 
@@ -967,7 +991,13 @@ class Store(Admission, AuthAdmin):
         with self._lock:
             txn = self._backend.begin_read()
             try:
-                return txnmod.execute_range(_ReadView(self, txn, self._current, self._compact_rev), req)
+                view = _ReadView(self, txn, self._current, self._compact_rev)
+                try:
+                    return txnmod.execute_range(view, req)
+                finally:
+                    # Counted also when refused (a future revision), as etcd
+                    # counts a range its store transaction began.
+                    self.stats.ended(view.ranges, 0, 0)
             finally:
                 txn.abort()
 
@@ -980,7 +1010,11 @@ class Store(Admission, AuthAdmin):
             with self._lock:
                 txn = self._backend.begin_read()
                 try:
-                    return txnmod.apply_txn(_ReadView(self, txn, self._current, self._compact_rev), req)
+                    view = _ReadView(self, txn, self._current, self._compact_rev)
+                    try:
+                        return txnmod.apply_txn(view, req)
+                    finally:
+                        self.stats.ended(view.ranges, 0, 0)
                 finally:
                     txn.abort()
         return self.propose(KIND_TXN, req).result()

@@ -134,6 +134,8 @@ class WatchHub:
         self.progress_interval = progress_interval
         self._max_revs = max_revisions_per_sync
         self._notified_rev = store.revision
+        # Events handed to watch streams (etcd_debugging_mvcc_events_total).
+        self.events_sent = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         store.add_commit_listener(self._on_commit)
@@ -260,6 +262,7 @@ class WatchHub:
                     resp.header.revision = rev
                     if w.stream.try_send(resp):
                         w.sent_since_tick = True
+                        self.events_sent += len(out)
                     else:
                         self._remove(w)
                         w.victim = resp
@@ -331,6 +334,7 @@ class WatchHub:
         with self._mu:
             for w in list(self._victims):
                 if w.stream.try_send(w.victim):
+                    self.events_sent += len(w.victim.events)
                     w.victim = None
                     w.sent_since_tick = True
                     self._victims.discard(w)
@@ -376,6 +380,7 @@ class WatchHub:
                     if not w.stream.try_send(resp):
                         continue  # stream full: retry from the same place next pass
                     w.sent_since_tick = True
+                    self.events_sent += len(resp.events)
                 w.min_rev = max(w.min_rev, upto + 1)
                 if w.min_rev > cur:
                     self._unsynced.pop(w, None)

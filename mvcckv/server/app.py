@@ -44,7 +44,7 @@ from mvcckv import errors
 from mvcckv.pb import rpc_pb2_grpc
 from mvcckv.pb import rpc_pb2 as pb
 from mvcckv.server import compactor as compactor_mod
-from mvcckv.server import engines, tls
+from mvcckv.server import engines, httpd, tls
 from mvcckv.server.auth import AuthServicer, token_listener
 from mvcckv.server.cluster import ClusterServicer
 from mvcckv.server.config import Config, Listener
@@ -52,6 +52,7 @@ from mvcckv.server.guard import Guard
 from mvcckv.server.kv import KVServicer
 from mvcckv.server.lease import LeaseServicer
 from mvcckv.server.maintenance import MaintenanceServicer
+from mvcckv.server.metrics import Metrics
 from mvcckv.server.node import Node
 from mvcckv.server.rpctypes import InvalidClientAPIVersionError, status_code
 from mvcckv.server.tokens import token_provider
@@ -279,8 +280,14 @@ def build_guard(node: Node, config: Config) -> Guard:
     return guard
 
 
-def build_server(node: Node, config: Config) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
-    server = grpc.aio.server(options=grpc_options(config), interceptors=[MetadataInterceptor()])
+def build_server(node: Node, config: Config,
+                 metrics: Metrics | None = None) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
+    # The metrics interceptor comes first so that it counts every call,
+    # also those the metadata checks refuse.
+    interceptors = [MetadataInterceptor()]
+    if metrics is not None:
+        interceptors.insert(0, metrics.grpc)
+    server = grpc.aio.server(options=grpc_options(config), interceptors=interceptors)
     guard = build_guard(node, config)
     rpc_pb2_grpc.add_KVServicer_to_server(KVServicer(node, guard), server)
     node.store.watch_hub.progress_interval = config.watch_progress_notify_interval
@@ -349,15 +356,34 @@ async def serve(config: Config) -> int:
 
     server = None
     comp_task = None
+    http = None
+    loopback = None
     try:
-        server, health_servicer = build_server(node, config)
+        # Counting gRPC calls costs a little on each; only done when some
+        # listener serves /metrics.
+        serves_http = bool(config.http_listeners or config.metrics_listeners)
+        metrics = Metrics(node) if serves_http else None
+        server, health_servicer = build_server(node, config, metrics)
         urls = []
         for listener in config.listeners:
             port = _bind(server, listener, credentials)
             urls.append(listener.url if port == listener.port else
                         f"{listener.scheme}://{listener.address.rpartition(':')[0]}:{port}")
+        if serves_http:
+            loopback = httpd.Loopback()
+            if server.add_insecure_port(loopback.target) == 0:
+                raise BindError(f"cannot listen on the gateway's unix socket {loopback.path}")
         await server.start()
         await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+        if loopback is not None:
+            http = httpd.HttpServer(node, metrics, loopback.channel(), config.max_request_bytes)
+            try:
+                urls += await http.start(config.http_listeners, False, server_tls)
+                metrics_urls = await http.start(config.metrics_listeners, True, server_tls)
+            except OSError as err:
+                raise BindError(err.strerror or str(err)) from None
+            if metrics_urls:
+                log.info("serving /metrics and /health on %s", ", ".join(metrics_urls))
         comp_task = start_compactor(node, config)
         log.info(
             "ready to serve client requests on %s (name %s, member %x, cluster %x, %s, etcd %s)",
@@ -374,8 +400,13 @@ async def serve(config: Config) -> int:
         if comp_task is not None:
             comp_task.cancel()
             await asyncio.gather(comp_task, return_exceptions=True)
+        if http is not None:
+            # Before the gRPC server: the gateway's calls are its clients.
+            await http.stop()
         if server is not None:
             await server.stop(GRACE_SECONDS)
+        if loopback is not None:
+            loopback.remove()
         await asyncio.to_thread(node.store.close)
         log.info("stopped")
 

@@ -8,6 +8,11 @@ Differences from etcd, on purpose:
   which sync their endpoint list from MemberList (``clientURLs``) reach a
   URL the server really listens on.
 * Listen URLs are ``http://`` or ``https://`` (no unix sockets).
+* The ``--listen-client-urls`` speak gRPC only; etcd's JSON gateway,
+  ``/health``, ``/version`` and ``/metrics`` are served on
+  ``--listen-client-http-urls`` (etcd 3.5's flag), because grpcio cannot
+  share a listening socket with an HTTP/1.1 server the way etcd 3.4's cmux
+  does.  An address given to two listeners is refused.
 * ``--client-cert-auth`` needs ``--trusted-ca-file`` (etcd would fall back
   to the system's CAs), and it stays on with ``--auto-tls`` (etcd's
   generated certificate silently drops it).
@@ -67,6 +72,13 @@ _FLAGS: tuple[tuple[str, str | None, str], ...] = (
      "Comma-separated http:// or https:// URLs to serve clients on (https:// needs --cert-file "
      "and --key-file, or --auto-tls); the host must be an IP address or localhost and only that "
      "address is bound."),
+    ("listen-client-http-urls", None,
+     "Comma-separated http:// or https:// URLs serving etcd's JSON gateway (POST /v3/...), "
+     "/health, /version and /metrics over HTTP/1.1 (etcd 3.5's flag). The --listen-client-urls "
+     "speak gRPC only: etcd 3.4 serves both on one port, mvcckv's gRPC server (grpcio) cannot "
+     "share its sockets with an HTTP/1.1 server, so give the HTTP side a port of its own."),
+    ("listen-metrics-urls", None,
+     "Comma-separated http:// or https:// URLs serving only /metrics and /health (etcd's flag)."),
     ("advertise-client-urls", None,
      "Comma-separated client URLs to advertise in MemberList (default: the listen URLs)."),
     ("initial-advertise-peer-urls", "http://localhost:2380",
@@ -160,6 +172,11 @@ class Config:
     backend: str = ""
     """A postgresql:// URL selecting the PostgreSQL engine; empty for LMDB."""
     listeners: tuple[Listener, ...] = ()
+    """gRPC client listeners."""
+    http_listeners: tuple[Listener, ...] = ()
+    """JSON gateway, /health, /version and /metrics (--listen-client-http-urls)."""
+    metrics_listeners: tuple[Listener, ...] = ()
+    """/metrics and /health only (--listen-metrics-urls)."""
     advertise_client_urls: tuple[str, ...] = ()
     initial_advertise_peer_urls: tuple[str, ...] = ("http://localhost:2380",)
     initial_cluster_token: str = "etcd-cluster"
@@ -193,6 +210,11 @@ class Config:
     warnings: tuple[str, ...] = ()
     """Flag values etcd accepts with a warning; logged at startup."""
 
+    @property
+    def all_listeners(self) -> tuple[Listener, ...]:
+        """Every address the server listens on, gRPC and HTTP."""
+        return self.listeners + self.http_listeners + self.metrics_listeners
+
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "Config":
         """Check and convert parsed flags; raises ConfigError."""
@@ -200,6 +222,9 @@ class Config:
         listeners = tuple(parse_listen_url(u) for u in _split(args.listen_client_urls))
         if not listeners:
             raise ConfigError("--listen-client-urls is empty")
+        http_listeners = tuple(parse_listen_url(u) for u in _split(args.listen_client_http_urls or ""))
+        metrics_listeners = tuple(parse_listen_url(u) for u in _split(args.listen_metrics_urls or ""))
+        _check_distinct(listeners, http_listeners, metrics_listeners)
         advertise = _split(args.advertise_client_urls) if args.advertise_client_urls else [
             lst.url for lst in listeners
         ]
@@ -228,7 +253,7 @@ class Config:
         if max_request <= 0 or max_ops <= 0:
             raise ConfigError("--max-request-bytes and --max-txn-ops must be positive")
         warnings: list[str] = []
-        tls = _tls_flags(args, listeners)
+        tls = _tls_flags(args, listeners + http_listeners + metrics_listeners)
         bcrypt_cost = _uint("bcrypt-cost", args.bcrypt_cost)
         if not MIN_BCRYPT_COST <= bcrypt_cost <= MAX_BCRYPT_COST:
             warnings.append(f"--bcrypt-cost {bcrypt_cost} is outside {MIN_BCRYPT_COST}..{MAX_BCRYPT_COST}: "
@@ -239,6 +264,8 @@ class Config:
             data_dir=args.data_dir or f"{name}.mvcckv",
             backend=backend,
             listeners=listeners,
+            http_listeners=http_listeners,
+            metrics_listeners=metrics_listeners,
             advertise_client_urls=tuple(advertise),
             initial_advertise_peer_urls=tuple(peers),
             initial_cluster_token=args.initial_cluster_token,
@@ -280,6 +307,19 @@ def parse_listen_url(url: str) -> Listener:
             # localhost) are accepted.
             raise ConfigError(f"expected IP in URL for binding ({url})") from None
     return Listener(url=url, host=host, port=port, scheme=parts.scheme)
+
+
+def _check_distinct(*groups: tuple[Listener, ...]) -> None:
+    """One port, one protocol: gRPC, the HTTP gateway and the metrics
+    listener cannot share an address."""
+    seen: dict[tuple[str, int], str] = {}
+    for group in groups:
+        for listener in group:
+            where = (listener.host, listener.port)
+            if listener.port != 0 and where in seen:
+                raise ConfigError(f"{listener.url} is given twice (also as {seen[where]}): mvcckv serves gRPC "
+                                  "and HTTP/1.1 on separate ports")
+            seen[where] = listener.url
 
 
 def _split(value: str) -> list[str]:

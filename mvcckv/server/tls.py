@@ -79,17 +79,17 @@ def server_tls(config: Config) -> ServerTLS | None:
     :meth:`Config.from_args`.
     """
     if config.client_cert_auth:
-        for listener in config.listeners:
+        for listener in config.all_listeners:
             if not listener.secure:
                 log.warning("--client-cert-auth does not apply to the http:// listener %s", listener.url)
-    if not any(listener.secure for listener in config.listeners):
+    if not any(listener.secure for listener in config.all_listeners):
         if config.cert_file or config.key_file or config.auto_tls:
             log.warning("every listen URL is http://: the TLS flags are not used")
         return None
     cert_file, key_file = config.cert_file, config.key_file
     if not (cert_file and key_file):
         # Config allows https:// without files only with --auto-tls.
-        hosts = [listener.host for listener in config.listeners]
+        hosts = [listener.host for listener in config.all_listeners]
         cert_file, key_file = self_cert(os.path.join(config.data_dir, AUTO_TLS_DIR), hosts)
     elif config.auto_tls:
         log.warning("--auto-tls is ignored: --cert-file and --key-file are given")
