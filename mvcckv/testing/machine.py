@@ -1,0 +1,412 @@
+"""The sequential check: a hypothesis state machine that sends the same
+requests to a target and to the model and checks that they agree.
+
+Every answer is compared field for field (the top-level header by revision
+only; inner txn headers whole), every error by type and text (and, over
+gRPC, by code: see :mod:`mvcckv.testing.targets`).  After every step the
+whole keyspace must be equal; at the end of each example a sentinel put
+makes a last revision and the target's change log (for a server: a watch
+from the example's first revision) must equal the model's history.  When
+the session has a ``replay`` factory (the embedded store), a second target
+fed the writes both accepted must hash alike (HashKV) wherever the hash
+does not depend on compaction timing.
+
+Each example runs in a key prefix of its own (``<session prefix><n>/``),
+and the model starts at the target's current revision, so one server
+serves every example; revisions are global, so nothing else may write to
+the server during a run.  Compactions are global too: the session carries
+the compact revision from one example to the next (and finds the one the
+server already had by bisecting reads, see :meth:`Session.discover`).
+
+A divergence is shrunk by hypothesis; the last failing run is the minimal
+one, and its steps are kept in ``Session.failure`` to be printed as
+etcdctl commands and Python (:mod:`mvcckv.testing.repro`).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Callable
+
+from google.protobuf.message import Message
+from hypothesis import HealthCheck, Verbosity, settings
+from hypothesis import seed as hypothesis_seed
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, get_state_machine_test, initialize, invariant, precondition, rule
+
+from mvcckv import errors
+from mvcckv.pb import rpc_pb2 as pb
+from mvcckv.testing import strategies as s
+from mvcckv.testing.model import DEFAULT_MAX_TXN_OPS, Model
+from mvcckv.testing.profiles import DEFAULT, Profile
+from mvcckv.testing.targets import RpcFailure, Target
+
+LEASE_TTL = 3600  # nothing expires during a run
+SENTINEL = b"~sentinel"  # after every name of the keyspace: ends each example
+
+
+@dataclass
+class Step:
+    """One request sent to the target (``kind`` is the Target method)."""
+
+    kind: str
+    request: Message | None
+
+
+@dataclass
+class Failure:
+    """A divergence: the steps of the run that showed it, the last one
+    diverging (or followed by the state check that did)."""
+
+    steps: list[Step]
+    message: str
+    start_revision: int
+    prefix: bytes
+
+
+class Divergence(AssertionError):
+    """The target answered otherwise than the model."""
+
+
+@dataclass
+class Session:
+    """What the examples of one run share (see the module docstring).
+
+    ``factory`` opens a target (called once per example; the example
+    closes it).  ``prefix`` None picks a fresh random prefix for the run;
+    ``b""`` uses the whole keyspace, for a factory that gives an empty
+    store each time (the quirks of "to the end" are then drawn too).
+    """
+
+    factory: Callable[[], Target]
+    profile: Profile = DEFAULT
+    prefix: bytes | None = None
+    max_txn_ops: int = DEFAULT_MAX_TXN_OPS
+    compact: bool = True
+    remote: bool = True  # never send what crashes etcd (strategies.crashes_etcd)
+    replay: Callable[[], Target] | None = None
+    on_example: Callable[[], None] | None = None
+    compact_revision: int | None = None  # None: not known yet
+    examples: int = 0
+    steps: int = 0
+    found_after: tuple[int, int] | None = None  # (examples, steps) when first seen
+    failure: Failure | None = None
+    history_checks: int = 0
+    history_skipped: str = ""
+    lease_base: int = field(default_factory=lambda: random.randrange(1 << 20, 1 << 40) << 8)
+
+    def __post_init__(self):
+        if self.prefix is None:
+            self.prefix = b"mvcckv-check/%08x/" % random.getrandbits(32)
+
+    def discover(self, target: Target, current: int) -> int:
+        """The compact revision the target already has: the lowest revision a
+        Range can still read is the compact revision, when above 1.
+
+        Found once per run on a shared server (then carried along); for
+        every example when each has a store of its own (no prefix).
+        """
+        if self.compact_revision is None or not self.prefix:
+            low, high = 1, current  # reads at ``high`` work
+            while low < high:
+                mid = (low + high) // 2
+                try:
+                    target.range(pb.RangeRequest(key=self.prefix or b"\0", revision=mid, count_only=True))
+                    high = mid
+                except errors.CompactedError:
+                    low = mid + 1
+            self.compact_revision = low if low > 1 else -1
+        return self.compact_revision
+
+
+def strip_header(resp: Message) -> Message:
+    """A copy whose top-level header keeps only the revision."""
+    if "header" not in resp.DESCRIPTOR.fields_by_name:
+        return resp
+    out = type(resp)()
+    out.CopyFrom(resp)
+    if out.HasField("header"):
+        rev = out.header.revision
+        out.ClearField("header")
+        out.header.revision = rev
+    return out
+
+
+class ConformanceMachine(RuleBasedStateMachine):
+    """Drives ``session.factory()`` and the model; see the module docstring."""
+
+    session: Session  # set on a subclass by run_sequential
+
+    def __init__(self):
+        super().__init__()
+        sess = self.session
+        sess.examples += 1
+        n = sess.examples
+        self.space = s.Keyspace(prefix=sess.prefix + b"%d/" % n if sess.prefix else b"")
+        self.leases = s.Leases(granted=(sess.lease_base + 4 * n, sess.lease_base + 4 * n + 1),
+                               unknown=sess.lease_base + 4 * n + 2)
+        self.target = sess.factory()
+        self.failed = False
+        self.steps: list[Step] = []
+        self.accepted: list[Step] = []
+        self.compactions: set[int] = set()
+        current = self.target.range(pb.RangeRequest(key=self.space.everything[0], count_only=True)).header.revision
+        self.model = Model(max_txn_ops=sess.max_txn_ops, profile=sess.profile, revision=current,
+                           compact_revision=sess.discover(self.target, current))
+        if sess.on_example:
+            sess.on_example()
+
+    # -- comparing ------------------------------------------------------------
+
+    def agree(self, kind: str, request: Message | None, on_target, on_model, *, record: bool = True) -> bool:
+        """Run both; equal answers or the same error.  Returns whether accepted."""
+        step = Step(kind, request)
+        if record:
+            self.steps.append(step)
+            self.session.steps += 1
+        try:
+            expected, expected_error = on_model(), None
+        except errors.MvccError as e:
+            expected, expected_error = None, e
+        try:
+            got, got_error = on_target(), None
+        except (errors.MvccError, RpcFailure) as e:
+            got, got_error = None, e
+        if expected_error is None and got_error is None:
+            if isinstance(got, Message):
+                got = strip_header(got)
+            if got != expected:
+                self.fail(f"{kind}: the answers differ\n--- target:\n{got}\n--- model (expected):\n{expected}")
+            if kind in ("put", "delete_range", "txn", "compact", "lease_grant", "lease_revoke"):
+                self.accepted.append(step)
+            return True
+        if (type(got_error), str(got_error)) != (type(expected_error), str(expected_error)):
+            self.fail(f"{kind}: the outcomes differ\n--- target: "
+                      f"{_show_error(got_error) if got_error else 'accepted'}\n{got if got is not None else ''}"
+                      f"\n--- model (expected): {_show_error(expected_error) if expected_error else 'accepted'}"
+                      f"\n{expected if expected is not None else ''}")
+        return False
+
+    def fail(self, message: str):
+        sess = self.session
+        if sess.found_after is None:
+            sess.found_after = (sess.examples, sess.steps)
+        self.failed = True
+        sess.failure = Failure(list(self.steps), message, self.model.start_revision, self.space.prefix)
+        raise Divergence(message)
+
+    # -- writes ---------------------------------------------------------------
+
+    @initialize(data=st.data())
+    def populate(self, data):
+        for key, value in data.draw(st.lists(st.tuples(self.space.keys(), s.values), max_size=4), label="puts"):
+            self.put_request(pb.PutRequest(key=key, value=value))
+
+    def put_request(self, p: pb.PutRequest) -> bool:
+        return self.agree("put", p, lambda: self.target.put(p), lambda: self.model.put(p))
+
+    @rule(data=st.data())
+    def put(self, data):
+        self.put_request(data.draw(s.put_requests(self.space, self.leases), label="put"))
+
+    @rule(data=st.data())
+    def delete(self, data):
+        d = data.draw(s.delete_requests(self.space), label="delete")
+        self.agree("delete_range", d, lambda: self.target.delete_range(d), lambda: self.model.delete_range(d))
+
+    @rule(data=st.data())
+    def txn(self, data):
+        txns = s.txn_requests(self.model, self.space, self.leases)
+        if self.session.remote:
+            txns = txns.filter(lambda t: not s.crashes_etcd(t))
+        t = data.draw(txns, label="txn")
+        # A refused txn must change nothing: the state check after it shows it.
+        self.agree("txn", t, lambda: self.target.txn(t), lambda: self.model.txn(t))
+
+    @rule(data=st.data())
+    def lease_grant(self, data):
+        lease_id = data.draw(st.sampled_from(self.leases.granted), label="lease")
+        g = pb.LeaseGrantRequest(TTL=LEASE_TTL, ID=lease_id)
+
+        def on_model():
+            self.model.lease_grant(lease_id)
+            resp = pb.LeaseGrantResponse(ID=lease_id, TTL=LEASE_TTL)
+            resp.header.revision = self.model.revision  # a grant makes no revision
+            return resp
+
+        self.agree("lease_grant", g, lambda: self.target.lease_grant(g), on_model)
+
+    @rule(data=st.data())
+    def lease_revoke(self, data):
+        lease_id = data.draw(st.sampled_from((*self.leases.granted, self.leases.unknown)), label="lease")
+        r = pb.LeaseRevokeRequest(ID=lease_id)
+        self.agree("lease_revoke", r, lambda: self.target.lease_revoke(r), lambda: self.model.lease_revoke(lease_id))
+
+    @precondition(lambda self: self.session.compact)
+    @rule(data=st.data(), physical=st.booleans())
+    def compact(self, data, physical):
+        cur, crev = self.model.revision, self.model.compact_revision
+        valid = st.integers(max(crev + 1, self.model.start_revision), cur) if crev < cur else st.just(cur)
+        anything = st.one_of(st.integers(-1, 1), st.integers(max(-1, crev - 1), cur + 1), st.just(cur + 1))
+        rev = data.draw(st.one_of(valid, valid, anything), label="revision")
+        c = pb.CompactionRequest(revision=rev, physical=physical)
+        if self.agree("compact", c, lambda: self.target.compact(c), lambda: self.model.compact(rev)):
+            self.compactions.add(rev)
+            self.session.compact_revision = rev
+
+    # -- reads ------------------------------------------------------------------
+
+    @rule(data=st.data())
+    def read_range(self, data):
+        r = data.draw(s.range_requests(self.model, self.space), label="range")
+        self.agree("range", r, lambda: self.target.range(r), lambda: self.model.range(r))
+
+    @rule(data=st.data())
+    def hash_kv(self, data):
+        # Below -1 the answer depends on how a backend hashes nothing.
+        rev = data.draw(s.revisions(self.model).filter(lambda r: r >= -1), label="revision")
+        h = pb.HashKVRequest(revision=rev)
+        hash_revision_field = self.session.profile.hash_revision_field
+
+        def on_target():
+            resp = self.target.hash_kv(h)
+            return resp.hash_revision, resp.header.revision
+
+        def on_model():
+            at = self.model.hash_revision(rev)
+            return (at if hash_revision_field else 0), self.model.revision
+
+        self.agree("hash_kv", h, on_target, on_model)
+
+    # -- after every step -----------------------------------------------------------
+
+    @invariant()
+    def same_keyspace(self):
+        key, end = self.space.everything
+        everything = pb.RangeRequest(key=key, range_end=end)
+        self.agree("range", everything, lambda: self.target.range(everything),
+                   lambda: self.model.range(everything), record=False)
+
+    # -- at the end of each example ---------------------------------------------------
+
+    def teardown(self):
+        try:
+            if not self.failed:
+                self.finish()
+        finally:
+            self.cleanup()
+
+    def finish(self):
+        sentinel = pb.PutRequest(key=self.space.prefix + SENTINEL)
+        self.put_request(sentinel)
+        self.check_history()
+        if self.session.replay is not None:
+            self.check_replay_hashes()
+
+    def check_history(self):
+        """The change log from the example's first revision equals the model's."""
+        low = max(self.model.start_revision + 1, self.model.compact_revision + 1)
+        key, end = self.space.everything
+        try:
+            got = self.target.changes(low, key, end, self.model.revision, timeout=10.0)
+        except NotImplementedError:
+            self.session.history_skipped = "the target does not list its changes"
+            return
+        expected = self.model.changes_since(low)
+        if got != expected:
+            self.fail(f"history from revision {low}: the change logs differ\n--- target:\n{got}"
+                      f"\n--- model (expected):\n{expected}")
+        self.session.history_checks += 1
+
+    def check_replay_hashes(self):
+        """A second target fed the accepted writes hashes alike (§10.3).
+
+        Compared at every revision from the compact revision on where the
+        hash does not depend on how far a background compaction has got:
+        not at a compaction's own revision (that hash may have been
+        recorded by the compaction, or not) and not where no key is live
+        (etcd then hashes whatever compacted entries are left).  The
+        sentinel put makes sure the current revision qualifies.
+        """
+        replay = self.session.replay()
+        try:
+            for step in self.accepted:
+                getattr(replay, step.kind)(step.request)
+            key, end = self.space.everything
+            everything = pb.RangeRequest(key=key, range_end=end)
+            if strip_header(replay.range(everything)) != strip_header(self.target.range(everything)):
+                self.fail("the replayed store holds other keys than the target")
+            for rev in range(max(self.model.compact_revision, 1), self.model.revision + 1):
+                if rev in self.compactions or not self.model.live_keys_at(rev):
+                    continue
+                h = pb.HashKVRequest(revision=rev)
+                if self.target.hash_kv(h).hash != replay.hash_kv(h).hash:
+                    self.fail(f"HashKV at {rev} differs from a replay of the same writes")
+        finally:
+            replay.close()
+
+    def cleanup(self):
+        """Leave a shared server as found, but for the revisions used."""
+        try:
+            if self.session.prefix:
+                for lease_id in self.leases.granted:
+                    if lease_id in self.model.leases:
+                        self.target.lease_revoke(pb.LeaseRevokeRequest(ID=lease_id))
+                key, end = self.space.everything
+                self.target.delete_range(pb.DeleteRangeRequest(key=key, range_end=end))
+        finally:
+            self.target.close()
+
+
+def _show_error(err: Exception) -> str:
+    return f"{type(err).__name__}({str(err)!r})"
+
+
+@dataclass
+class SequentialResult:
+    """What a sequential run saw; ``failure`` is None when clean."""
+
+    examples: int
+    steps: int
+    history_checks: int
+    found_after: tuple[int, int] | None
+    failure: Failure | None
+    error: str = ""  # the run could not complete (e.g. target unreachable)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.failure is None and not self.error
+
+
+def run_sequential(session: Session, *, examples: int = 50, steps: int = 30, seed: int | None = None,
+                   quiet: bool = True, machine: type[ConformanceMachine] = ConformanceMachine) -> SequentialResult:
+    """Run ``examples`` examples of at most ``steps`` steps each."""
+    cls = type(machine.__name__, (machine,), {"session": session})
+    test = get_state_machine_test(cls, settings=settings(
+        max_examples=examples,
+        stateful_step_count=steps,
+        deadline=None,
+        database=None,
+        report_multiple_bugs=False,
+        derandomize=False,
+        verbosity=Verbosity.quiet if quiet else Verbosity.normal,
+        suppress_health_check=list(HealthCheck),
+    ))
+    if seed is not None:
+        test = hypothesis_seed(seed)(test)
+    error = ""
+    try:
+        test()
+    except Divergence:
+        pass
+    except AssertionError as e:
+        if session.failure is None:
+            error = f"{type(e).__name__}: {e}"
+    except Exception as e:  # noqa: BLE001 - reported, and the run fails
+        if session.failure is None:
+            error = f"{type(e).__name__}: {e}"
+    notes = [f"history check skipped: {session.history_skipped}"] if session.history_skipped else []
+    return SequentialResult(session.examples, session.steps, session.history_checks, session.found_after,
+                            session.failure, error, notes)
