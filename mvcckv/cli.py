@@ -30,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     snapshot.add_parser(sub)
     __import__("mvcckv.benchcompare", fromlist=["add_parser"]).add_parser(sub)
+    __import__("mvcckv.testing.cli", fromlist=["add_parser"]).add_parser(sub)
     return parser
 
 

@@ -247,8 +247,8 @@ class ConformanceMachine(RuleBasedStateMachine):
     @rule(data=st.data(), physical=st.booleans())
     def compact(self, data, physical):
         cur, crev = self.model.revision, self.model.compact_revision
-        valid = st.integers(max(crev + 1, self.model.start_revision), cur) if crev < cur else st.just(cur)
-        anything = st.one_of(st.integers(-1, 1), st.integers(max(-1, crev - 1), cur + 1), st.just(cur + 1))
+        valid = s.between(min(max(crev + 1, self.model.start_revision), cur), cur)
+        anything = st.one_of(s.between(-1, 1), s.between(max(-1, crev - 1), cur + 1), st.just(cur + 1))
         rev = data.draw(st.one_of(valid, valid, anything), label="revision")
         c = pb.CompactionRequest(revision=rev, physical=physical)
         if self.agree("compact", c, lambda: self.target.compact(c), lambda: self.model.compact(rev)):
@@ -265,7 +265,7 @@ class ConformanceMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def hash_kv(self, data):
         # Below -1 the answer depends on how a backend hashes nothing.
-        rev = data.draw(s.revisions(self.model).filter(lambda r: r >= -1), label="revision")
+        rev = data.draw(s.revisions(self.model, low=-1), label="revision")
         h = pb.HashKVRequest(revision=rev)
         hash_revision_field = self.session.profile.hash_revision_field
 

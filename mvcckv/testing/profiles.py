@@ -9,6 +9,12 @@ read in its source (ETCD_SEMANTICS.md, "Errata" and §1.7):
     compaction recorded); 3.4 and 3.5 refuse it as compacted.
 ``hash_revision_field``
     ``HashKVResponse.hash_revision`` is new in 3.6; older releases leave it 0.
+``ordered_progress``
+    A requested progress notification never overtakes an event (fixed in
+    3.4.31 and 3.5.13, etcd issues 15220 and 17507).  Before, a watcher
+    can get a progress notification at revision R and then an event at R:
+    the "bookmarkable" check then only holds progress revisions to never
+    go back.  Only a full version (3.4.23) selects the older behaviour.
 
 Not a profile difference although etcd has one: 3.6 checks a txn's puts
 and ranges op by op, 3.4/3.5 every put first.  Only a txn breaking both
@@ -19,6 +25,7 @@ refuse (an unknown ``sort_order``) are not generated.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 
@@ -30,6 +37,7 @@ class Profile:
     name: str
     hashkv_at_compact_revision: bool
     hash_revision_field: bool
+    ordered_progress: bool = True
 
 
 PROFILES: dict[str, Profile] = {
@@ -46,7 +54,7 @@ def profile_for(version: str) -> Profile:
 
     Releases after 3.6 get the 3.6 profile (the newest this package knows).
     """
-    m = re.fullmatch(r"v?(\d+)\.(\d+)(?:\.\d+)?(?:[-+].*)?", version.strip())
+    m = re.fullmatch(r"v?(\d+)\.(\d+)(?:\.(\d+))?(?:[-+].*)?", version.strip())
     if m is None:
         raise ValueError(f"not an etcd version: {version!r} (expected e.g. 3.4 or 3.5.17)")
     major, minor = int(m.group(1)), int(m.group(2))
@@ -54,4 +62,8 @@ def profile_for(version: str) -> Profile:
         raise ValueError(f"etcd {version} is older than 3.4, the oldest profile")
     if (major, minor) > (3, 6):
         return DEFAULT
-    return PROFILES[f"{major}.{minor}"]
+    profile = PROFILES[f"{major}.{minor}"]
+    fixed_in = {(3, 4): 31, (3, 5): 13}.get((major, minor))
+    if m.group(3) is not None and fixed_in is not None and int(m.group(3)) < fixed_in:
+        profile = dataclasses.replace(profile, ordered_progress=False)
+    return profile
