@@ -25,7 +25,9 @@ etcdctl commands and Python (:mod:`mvcckv.testing.repro`).
 
 from __future__ import annotations
 
+import contextlib
 import random
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -33,17 +35,19 @@ from google.protobuf.message import Message
 from hypothesis import HealthCheck, Verbosity, settings
 from hypothesis import seed as hypothesis_seed
 from hypothesis import strategies as st
+from hypothesis.internal.conjecture import engine as hypothesis_engine
 from hypothesis.stateful import RuleBasedStateMachine, get_state_machine_test, initialize, invariant, precondition, rule
 
 from mvcckv import errors
 from mvcckv.pb import rpc_pb2 as pb
 from mvcckv.testing import strategies as s
-from mvcckv.testing.model import DEFAULT_MAX_TXN_OPS, Model
+from mvcckv.testing.model import DEFAULT_MAX_TXN_OPS, Model, prefix_end
 from mvcckv.testing.profiles import DEFAULT, Profile
 from mvcckv.testing.targets import RpcFailure, Target
 
 LEASE_TTL = 3600  # nothing expires during a run
 SENTINEL = b"~sentinel"  # after every name of the keyspace: ends each example
+HISTORY = "history"  # how a divergence found by the history check begins
 
 
 @dataclass
@@ -63,6 +67,7 @@ class Failure:
     message: str
     start_revision: int
     prefix: bytes
+    leases: tuple[int, ...] = ()  # the example's lease IDs: granted ones, then the unknown one
 
 
 class Divergence(AssertionError):
@@ -94,11 +99,25 @@ class Session:
     failure: Failure | None = None
     history_checks: int = 0
     history_skipped: str = ""
+    granted: set[int] = field(default_factory=set)  # lease IDs the examples left granted
     lease_base: int = field(default_factory=lambda: random.randrange(1 << 20, 1 << 40) << 8)
 
     def __post_init__(self):
         if self.prefix is None:
             self.prefix = b"mvcckv-check/%08x/" % random.getrandbits(32)
+
+    def cleanup(self, target: Target) -> None:
+        """Leave a shared server as found, but for the revisions used: the
+        run's keys deleted, its leases revoked.  Once per run, not per
+        example: shrinking runs hundreds of examples."""
+        if not self.prefix:
+            return
+        for lease_id in sorted(self.granted):
+            try:
+                target.lease_revoke(pb.LeaseRevokeRequest(ID=lease_id))
+            except errors.LeaseNotFoundError:
+                pass  # revoked by the example itself
+        target.delete_range(pb.DeleteRangeRequest(key=self.prefix, range_end=prefix_end(self.prefix)))
 
     def discover(self, target: Target, current: int) -> int:
         """The compact revision the target already has: the lowest revision a
@@ -193,55 +212,82 @@ class ConformanceMachine(RuleBasedStateMachine):
         if sess.found_after is None:
             sess.found_after = (sess.examples, sess.steps)
         self.failed = True
-        sess.failure = Failure(list(self.steps), message, self.model.start_revision, self.space.prefix)
+        sess.failure = Failure(list(self.steps), message, self.model.start_revision, self.space.prefix,
+                               (*self.leases.granted, self.leases.unknown))
         raise Divergence(message)
+
+    # -- writes ---------------------------------------------------------------
+
+    def send(self, kind: str, request: Message) -> bool:
+        """Send one request of ``kind`` (a Target method) to both sides."""
+        if kind == "lease_grant":
+            def on_model():
+                self.model.lease_grant(request.ID)
+                resp = pb.LeaseGrantResponse(ID=request.ID, TTL=request.TTL)
+                resp.header.revision = self.model.revision  # a grant makes no revision
+                return resp
+        elif kind == "lease_revoke":
+            def on_model():
+                return self.model.lease_revoke(request.ID)
+        elif kind == "compact":
+            def on_model():
+                return self.model.compact(request.revision)
+        elif kind == "hash_kv":
+            return self._hash_kv(request)
+        else:  # put, delete_range, txn, range: the model's methods of the same names
+            def on_model():
+                return getattr(self.model, kind)(request)
+        accepted = self.agree(kind, request, lambda: getattr(self.target, kind)(request), on_model)
+        if kind == "compact" and accepted:
+            self.compactions.add(request.revision)
+            self.session.compact_revision = request.revision
+        return accepted
+
+    def _hash_kv(self, h: pb.HashKVRequest) -> bool:
+        hash_revision_field = self.session.profile.hash_revision_field
+
+        def on_target():
+            resp = self.target.hash_kv(h)
+            return resp.hash_revision, resp.header.revision
+
+        def on_model():
+            at = self.model.hash_revision(h.revision)
+            return (at if hash_revision_field else 0), self.model.revision
+
+        return self.agree("hash_kv", h, on_target, on_model)
 
     # -- writes ---------------------------------------------------------------
 
     @initialize(data=st.data())
     def populate(self, data):
-        for key, value in data.draw(st.lists(st.tuples(self.space.keys(), s.values), max_size=4), label="puts"):
-            self.put_request(pb.PutRequest(key=key, value=value))
-
-    def put_request(self, p: pb.PutRequest) -> bool:
-        return self.agree("put", p, lambda: self.target.put(p), lambda: self.model.put(p))
+        for key, value in data.draw(st.lists(st.tuples(self.space.keys(), s.values), max_size=3), label="puts"):
+            self.send("put", pb.PutRequest(key=key, value=value))
 
     @rule(data=st.data())
     def put(self, data):
-        self.put_request(data.draw(s.put_requests(self.space, self.leases), label="put"))
+        self.send("put", data.draw(s.put_requests(self.space, self.leases), label="put"))
 
     @rule(data=st.data())
     def delete(self, data):
-        d = data.draw(s.delete_requests(self.space), label="delete")
-        self.agree("delete_range", d, lambda: self.target.delete_range(d), lambda: self.model.delete_range(d))
+        self.send("delete_range", data.draw(s.delete_requests(self.space), label="delete"))
 
     @rule(data=st.data())
     def txn(self, data):
         txns = s.txn_requests(self.model, self.space, self.leases)
         if self.session.remote:
             txns = txns.filter(lambda t: not s.crashes_etcd(t))
-        t = data.draw(txns, label="txn")
         # A refused txn must change nothing: the state check after it shows it.
-        self.agree("txn", t, lambda: self.target.txn(t), lambda: self.model.txn(t))
+        self.send("txn", data.draw(txns, label="txn"))
 
     @rule(data=st.data())
     def lease_grant(self, data):
         lease_id = data.draw(st.sampled_from(self.leases.granted), label="lease")
-        g = pb.LeaseGrantRequest(TTL=LEASE_TTL, ID=lease_id)
-
-        def on_model():
-            self.model.lease_grant(lease_id)
-            resp = pb.LeaseGrantResponse(ID=lease_id, TTL=LEASE_TTL)
-            resp.header.revision = self.model.revision  # a grant makes no revision
-            return resp
-
-        self.agree("lease_grant", g, lambda: self.target.lease_grant(g), on_model)
+        self.send("lease_grant", pb.LeaseGrantRequest(TTL=LEASE_TTL, ID=lease_id))
 
     @rule(data=st.data())
     def lease_revoke(self, data):
         lease_id = data.draw(st.sampled_from((*self.leases.granted, self.leases.unknown)), label="lease")
-        r = pb.LeaseRevokeRequest(ID=lease_id)
-        self.agree("lease_revoke", r, lambda: self.target.lease_revoke(r), lambda: self.model.lease_revoke(lease_id))
+        self.send("lease_revoke", pb.LeaseRevokeRequest(ID=lease_id))
 
     @precondition(lambda self: self.session.compact)
     @rule(data=st.data(), physical=st.booleans())
@@ -250,34 +296,18 @@ class ConformanceMachine(RuleBasedStateMachine):
         valid = s.between(min(max(crev + 1, self.model.start_revision), cur), cur)
         anything = st.one_of(s.between(-1, 1), s.between(max(-1, crev - 1), cur + 1), st.just(cur + 1))
         rev = data.draw(st.one_of(valid, valid, anything), label="revision")
-        c = pb.CompactionRequest(revision=rev, physical=physical)
-        if self.agree("compact", c, lambda: self.target.compact(c), lambda: self.model.compact(rev)):
-            self.compactions.add(rev)
-            self.session.compact_revision = rev
+        self.send("compact", pb.CompactionRequest(revision=rev, physical=physical))
 
     # -- reads ------------------------------------------------------------------
 
     @rule(data=st.data())
     def read_range(self, data):
-        r = data.draw(s.range_requests(self.model, self.space), label="range")
-        self.agree("range", r, lambda: self.target.range(r), lambda: self.model.range(r))
+        self.send("range", data.draw(s.range_requests(self.model, self.space), label="range"))
 
     @rule(data=st.data())
     def hash_kv(self, data):
         # Below -1 the answer depends on how a backend hashes nothing.
-        rev = data.draw(s.revisions(self.model, low=-1), label="revision")
-        h = pb.HashKVRequest(revision=rev)
-        hash_revision_field = self.session.profile.hash_revision_field
-
-        def on_target():
-            resp = self.target.hash_kv(h)
-            return resp.hash_revision, resp.header.revision
-
-        def on_model():
-            at = self.model.hash_revision(rev)
-            return (at if hash_revision_field else 0), self.model.revision
-
-        self.agree("hash_kv", h, on_target, on_model)
+        self.send("hash_kv", pb.HashKVRequest(revision=data.draw(s.revisions(self.model, low=-1), label="revision")))
 
     # -- after every step -----------------------------------------------------------
 
@@ -298,9 +328,12 @@ class ConformanceMachine(RuleBasedStateMachine):
             self.cleanup()
 
     def finish(self):
-        sentinel = pb.PutRequest(key=self.space.prefix + SENTINEL)
-        self.put_request(sentinel)
-        self.check_history()
+        self.send("put", pb.PutRequest(key=self.space.prefix + SENTINEL))
+        failure = self.session.failure
+        # While a divergence the history check did not find is shrunk,
+        # the check (a watch per example) only slows the search down.
+        if failure is None or failure.message.startswith(HISTORY):
+            self.check_history()
         if self.session.replay is not None:
             self.check_replay_hashes()
 
@@ -315,7 +348,7 @@ class ConformanceMachine(RuleBasedStateMachine):
             return
         expected = self.model.changes_since(low)
         if got != expected:
-            self.fail(f"history from revision {low}: the change logs differ\n--- target:\n{got}"
+            self.fail(f"{HISTORY} from revision {low}: the change logs differ\n--- target:\n{got}"
                       f"\n--- model (expected):\n{expected}")
         self.session.history_checks += 1
 
@@ -347,20 +380,97 @@ class ConformanceMachine(RuleBasedStateMachine):
             replay.close()
 
     def cleanup(self):
-        """Leave a shared server as found, but for the revisions used."""
-        try:
-            if self.session.prefix:
-                for lease_id in self.leases.granted:
-                    if lease_id in self.model.leases:
-                        self.target.lease_revoke(pb.LeaseRevokeRequest(ID=lease_id))
-                key, end = self.space.everything
-                self.target.delete_range(pb.DeleteRangeRequest(key=key, range_end=end))
-        finally:
-            self.target.close()
+        self.session.granted.update(self.model.leases)
+        self.target.close()
 
 
 def _show_error(err: Exception) -> str:
     return f"{type(err).__name__}({str(err)!r})"
+
+
+# -- after hypothesis: dropping steps ------------------------------------------------
+
+_REVISION_FIELDS = frozenset({"revision", "min_mod_revision", "max_mod_revision", "min_create_revision",
+                              "max_create_revision", "mod_revision", "create_revision"})
+
+
+def relocate(msg: Message, failure: Failure, prefix: bytes, start: int, leases: tuple[int, ...]) -> Message:
+    """``msg`` as the failing example's request would read in another example
+    (key prefix, starting revision, lease IDs): revisions from two below the
+    failing example's start on move with it, smaller ones (0, -1, 1, 2) stay."""
+    out = type(msg)()
+    out.CopyFrom(msg)
+    old_end, new_end = prefix_end(failure.prefix), prefix_end(prefix)
+    lease_map = dict(zip(failure.leases, leases))
+    shift = start - failure.start_revision
+
+    def walk(m: Message) -> None:
+        for f, value in m.ListFields():
+            if f.message_type is not None:
+                for sub in (value if _repeated(f) else [value]):
+                    walk(sub)
+            elif f.name in ("key", "range_end"):
+                if value.startswith(failure.prefix):
+                    setattr(m, f.name, prefix + value[len(failure.prefix):])
+                elif value == old_end:
+                    setattr(m, f.name, new_end)
+            elif f.name in _REVISION_FIELDS and value >= failure.start_revision - 2:
+                setattr(m, f.name, value + shift)
+            elif f.name in ("lease", "ID") and value in lease_map:
+                setattr(m, f.name, lease_map[value])
+
+    walk(out)
+    return out
+
+
+def _repeated(f) -> bool:
+    repeated = getattr(f, "is_repeated", None)
+    return f.label == f.LABEL_REPEATED if repeated is None else repeated
+
+
+def _same_divergence(a: str, b: str) -> bool:
+    return a.split("\n", 1)[0] == b.split("\n", 1)[0]
+
+
+def _replay(cls: type[ConformanceMachine], session: Session, failure: Failure, steps: list[Step]) -> bool:
+    """Whether ``steps`` of ``failure``, run as a new example, diverge alike
+    (``session.failure`` is then the new, relocated failure)."""
+    m = cls()
+    try:
+        for step in steps:
+            m.send(step.kind, relocate(step.request, failure, m.space.prefix, m.model.start_revision,
+                                       (*m.leases.granted, m.leases.unknown)))
+            m.same_keyspace()
+        if failure.message.startswith(HISTORY):
+            m.finish()
+    except Divergence:
+        return _same_divergence(session.failure.message, failure.message)
+    finally:
+        m.cleanup()
+    return False
+
+
+def reduce_failure(cls: type[ConformanceMachine], session: Session, seconds: float) -> None:
+    """Drop the steps of ``session.failure`` that are not needed to diverge,
+    one at a time from the last, replaying each candidate as a new example;
+    for at most ``seconds``.  Hypothesis's shrinking must run whole
+    examples many times over and, on a server, runs out of time first."""
+    best = session.failure
+    if best is None or any(step.kind not in _KINDS for step in best.steps):
+        return
+    deadline = time.monotonic() + seconds
+    i = len(best.steps) - 1
+    while i >= 0 and time.monotonic() < deadline:
+        candidate = best.steps[:i] + best.steps[i + 1:]
+        if _replay(cls, session, best, candidate):
+            best = session.failure
+            i = min(i, len(best.steps)) - 1
+        else:
+            i -= 1
+    session.failure = best
+
+
+_KINDS = frozenset({"put", "delete_range", "txn", "range", "compact", "lease_grant", "lease_revoke", "hash_kv"})
 
 
 @dataclass
@@ -380,9 +490,34 @@ class SequentialResult:
         return self.failure is None and not self.error
 
 
+@contextlib.contextmanager
+def _shrinking_for(seconds: float | None):
+    """Cap the time hypothesis spends shrinking a failure.
+
+    Against a server every example costs round trips, and hypothesis's own
+    cap is five minutes; it has no setting for it, only the engine's
+    module constant, which is set for the run and put back after.
+    """
+    if seconds is None:
+        yield
+        return
+    saved = hypothesis_engine.MAX_SHRINKING_SECONDS
+    hypothesis_engine.MAX_SHRINKING_SECONDS = seconds
+    try:
+        yield
+    finally:
+        hypothesis_engine.MAX_SHRINKING_SECONDS = saved
+
+
 def run_sequential(session: Session, *, examples: int = 50, steps: int = 30, seed: int | None = None,
-                   quiet: bool = True, machine: type[ConformanceMachine] = ConformanceMachine) -> SequentialResult:
-    """Run ``examples`` examples of at most ``steps`` steps each."""
+                   quiet: bool = True, machine: type[ConformanceMachine] = ConformanceMachine,
+                   shrink_seconds: float | None = None) -> SequentialResult:
+    """Run ``examples`` examples of at most ``steps`` steps each.
+
+    A divergence is shrunk by hypothesis, then by :func:`reduce_failure`,
+    each for half of ``shrink_seconds`` (None: hypothesis's own limit,
+    then a minute).
+    """
     cls = type(machine.__name__, (machine,), {"session": session})
     test = get_state_machine_test(cls, settings=settings(
         max_examples=examples,
@@ -397,16 +532,15 @@ def run_sequential(session: Session, *, examples: int = 50, steps: int = 30, see
     if seed is not None:
         test = hypothesis_seed(seed)(test)
     error = ""
+    half = None if shrink_seconds is None else shrink_seconds / 2
     try:
-        test()
-    except Divergence:
-        pass
-    except AssertionError as e:
+        with _shrinking_for(half):
+            test()
+    except Exception as e:  # noqa: BLE001 - a divergence, or reported as the run's error
         if session.failure is None:
             error = f"{type(e).__name__}: {e}"
-    except Exception as e:  # noqa: BLE001 - reported, and the run fails
-        if session.failure is None:
-            error = f"{type(e).__name__}: {e}"
+    if session.failure is not None:
+        reduce_failure(cls, session, 60.0 if half is None else half)
     notes = [f"history check skipped: {session.history_skipped}"] if session.history_skipped else []
     return SequentialResult(session.examples, session.steps, session.history_checks, session.found_after,
                             session.failure, error, notes)

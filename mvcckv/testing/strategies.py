@@ -120,11 +120,13 @@ def range_requests(draw, model: Model, space: Keyspace) -> pb.RangeRequest:
     def revision_filter() -> int:
         return draw(_revision_operands(model)) if draw(seldom) else 0
 
+    # Mostly current reads: on a shared server most revisions below the
+    # run's start show an empty keyspace.
     return pb.RangeRequest(
         key=key,
         range_end=end,
-        revision=draw(st.one_of(st.just(0), revisions(model))),
-        limit=draw(st.sampled_from((0, 0, 1, 2, 3, -1))),
+        revision=draw(revisions(model)) if draw(rarely) else 0,
+        limit=draw(st.sampled_from((0, 1, 1, 2, 3, -1))),
         sort_order=draw(st.sampled_from(pb.RangeRequest.SortOrder.values())),
         sort_target=draw(st.sampled_from(pb.RangeRequest.SortTarget.values())),
         keys_only=draw(st.booleans()),
