@@ -511,7 +511,7 @@ def _shrinking_for(seconds: float | None):
 
 def run_sequential(session: Session, *, examples: int = 50, steps: int = 30, seed: int | None = None,
                    quiet: bool = True, machine: type[ConformanceMachine] = ConformanceMachine,
-                   shrink_seconds: float | None = None) -> SequentialResult:
+                   shrink_seconds: float | None = 20.0) -> SequentialResult:
     """Run ``examples`` examples of at most ``steps`` steps each.
 
     A divergence is shrunk by hypothesis, then by :func:`reduce_failure`,
