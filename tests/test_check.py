@@ -13,9 +13,11 @@ from __future__ import annotations
 import json
 import os
 
+import grpc
 import pytest
+import trustme
 
-from harness import FAST_ELECTION, EtcdProcess
+from harness import EtcdProcess, MvcckvProcess
 from mutants import MUTANTS, Mutant
 from mvcckv.cli import main
 
@@ -123,3 +125,46 @@ def test_bad_flags_are_refused(capsys):
     assert "at least one endpoint" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["check", "--examples", "many"])
+
+
+def test_auth_flags_as_etcdctl(mvcckv_server, capsys):
+    mvcckv_server.etcdctl("user", "add", "root:secret", json=False)
+    mvcckv_server.etcdctl("auth", "enable", json=False)
+    code, report = check(capsys, mvcckv_server.endpoint, "--user", "root:secret", "--examples", "3",
+                         "--duration", "1", "--no-leases")
+    assert (code, report["ok"]) == (0, True), report
+    assert report["sequential"]["examples"] >= 3 and report["concurrent"]["operations"] > 0
+    # etcdctl's --password overrides a password in --user.
+    code = main(["check", "--endpoints", mvcckv_server.endpoint, "--user", "root:wrong", "--password", "secret",
+                 "--examples", "1", "--clients", "0", "--no-progress"])
+    assert code == 0
+    capsys.readouterr()
+    code = main(["check", "--endpoints", mvcckv_server.endpoint, "--user", "root:wrong", "--no-progress"])
+    assert code == 2
+    assert "AuthFailedError: etcdserver: authentication failed, invalid user ID or password" in capsys.readouterr().err
+
+
+def test_tls_flags_as_etcdctl(tmp_path, capsys):
+    """Client certificate auth: --cacert, --cert and --key, as etcdctl's."""
+    ca = trustme.CA()
+    server, client = ca.issue_cert("127.0.0.1"), ca.issue_cert("client.example", common_name="root")
+    paths = {name: tmp_path / f"{name}.pem" for name in ("ca", "server", "server-key", "client", "client-key")}
+    ca.cert_pem.write_to_path(str(paths["ca"]))
+    server.cert_chain_pems[0].write_to_path(str(paths["server"]))
+    server.private_key_pem.write_to_path(str(paths["server-key"]))
+    client.cert_chain_pems[0].write_to_path(str(paths["client"]))
+    client.private_key_pem.write_to_path(str(paths["client-key"]))
+    credentials = grpc.ssl_channel_credentials(paths["ca"].read_bytes(), paths["client-key"].read_bytes(),
+                                               paths["client"].read_bytes())
+    args = ["--cert-file", str(paths["server"]), "--key-file", str(paths["server-key"]),
+            "--client-cert-auth", "--trusted-ca-file", str(paths["ca"])]
+    with MvcckvProcess(tmp_path / "data", log_path=tmp_path / "mvcckv.log", channel_credentials=credentials,
+                       extra_args=args) as srv:
+        code, report = check(capsys, srv.client_url, "--cacert", str(paths["ca"]), "--cert", str(paths["client"]),
+                             "--key", str(paths["client-key"]), "--examples", "3", "--duration", "1", "--no-leases")
+        assert (code, report["ok"]) == (0, True), report
+        # Without the client certificate the server refuses the handshake.
+        code = main(["check", "--endpoints", srv.client_url, "--cacert", str(paths["ca"]),
+                     "--command-timeout", "2", "--no-progress"])
+        assert code == 2
+        assert "cannot use" in capsys.readouterr().err
