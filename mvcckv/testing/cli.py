@@ -6,8 +6,10 @@ divergence to a minimal sequence), then ``--clients`` concurrent clients
 for ``--duration`` seconds (linearizability, watch guarantees, leases).
 The report goes to stdout, as text or (``--json``) one JSON object.
 
-Exit status: 0 when nothing diverged, 1 when something did, 2 when the
-run could not be made (endpoint unreachable, bad flags, auth refused).
+Exit status: 0 when nothing diverged, 1 when something did or when the
+linearizability search ran out of budget (an unknown verdict is no pass),
+2 when the run could not be made (endpoint unreachable, bad flags, auth
+refused).
 """
 
 from __future__ import annotations

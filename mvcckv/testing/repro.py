@@ -147,6 +147,8 @@ def etcdctl_line(step: Step) -> str:
 
 
 def etcdctl_script(failure: Failure, endpoint: str) -> str:
+    """One etcdctl command per step (``--count-only`` and the revision
+    filters of ``get`` need etcdctl 3.5 or later)."""
     head = f"etcdctl --endpoints={endpoint}"
     return "\n".join(f"{head} {etcdctl_line(s)}" if not etcdctl_line(s).startswith("#") else etcdctl_line(s)
                      for s in failure.steps)
