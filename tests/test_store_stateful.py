@@ -1,28 +1,28 @@
 """The engine against the executable model of etcd's semantics
 (``mvcckv.testing.model``), driven by ``mvcckv.testing.machine``.
 
-The conformance state machine sends the same requests to a real
-store in a temporary directory and to the model, and checks that they
-agree: every response (field for field, headers included) or error (type
-and text), and after every step the current revision, the compact revision,
-the whole keyspace and the change log above the compact revision.  This
-file adds what only an embedded store allows: the store is closed and reopened at random steps; the model does not notice,
-so everything must survive the restart.  At the end of each example a
-second store replays the writes both accepted, and the two must hash alike
-(HashKV) at every revision where that is defined independently of
-compaction timing.
+The conformance state machine sends the same requests to an empty store
+per example and to the model, and checks that they agree: every response
+(field for field, headers included) or error (type and text), the whole
+keyspace after every step, the change log at the end of each example, and
+HashKV against a second store that replays the writes both accepted (at
+every revision where that is defined independently of compaction timing).
+This file adds what only an embedded store allows: ``get``, the store's
+own revision, compact revision, key count and change log after every step,
+and closing and reopening the store at random steps (the model does not
+notice, so everything must survive the restart).
 
 Keys come from a small alphabet so that they collide, overlap ranges and
 prefixes; txns are random, so many break the duplicate-key rule or the op
 budget (``MAX_TXN_OPS`` is small on purpose) and both sides must refuse them
 alike, leaving nothing changed.
 
-The same machine runs on both engines: ``TestStoreAgainstModel`` on the
+The same machine runs on both engines: ``test_store_against_model`` on the
 LMDB store in a temporary directory, ``test_pg_engine_against_model`` on
 the PostgreSQL engine (mvcckv.pg) in a fresh schema per example of the
 session's throwaway server (the ``postgres`` fixture, conftest.py), where
 "close and reopen" closes the engine and opens a new one on the same
-schema, and the replay check uses a second schema.  Without PostgreSQL the
+schema, and the replay check uses another schema.  Without PostgreSQL the
 latter is skipped locally and fails under CI (``CI=true``).
 
 ``MVCCKV_STATEFUL_EXAMPLES`` (LMDB) and ``MVCCKV_PG_STATEFUL_EXAMPLES``
