@@ -123,6 +123,10 @@ def test_unreachable_endpoint_is_an_error_not_a_pass(capsys):
 def test_bad_flags_are_refused(capsys):
     assert main(["check", "--endpoints", "", "--no-progress"]) == 2
     assert "at least one endpoint" in capsys.readouterr().err
+    assert main(["check", "--etcd-version", "2.3", "--no-progress"]) == 2
+    assert "--etcd-version: etcd 2.3 is older than 3.4, the oldest profile" in capsys.readouterr().err
+    assert main(["check", "--etcd-version", "latest", "--no-progress"]) == 2
+    assert "not an etcd version: 'latest'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["check", "--examples", "many"])
 

@@ -67,6 +67,12 @@ def main(args: argparse.Namespace) -> int:
         print("mvcckv check: --endpoints needs at least one endpoint; counts and durations cannot be negative",
               file=sys.stderr)
         return EXIT_ERROR
+    if args.etcd_version != "auto":
+        try:
+            profile_for(args.etcd_version)
+        except ValueError as e:
+            print(f"mvcckv check: --etcd-version: {e}", file=sys.stderr)
+            return EXIT_ERROR
     seed = args.seed if args.seed is not None else random.randrange(1 << 32)
     rng = random.Random(seed)
     prefix = (args.prefix if args.prefix is not None else "mvcckv-check/%08x/" % rng.getrandbits(32)).encode()
