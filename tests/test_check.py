@@ -64,8 +64,8 @@ def upstream(mvcckv_server_module):
 @pytest.mark.parametrize("kind", SEQUENTIAL)
 def test_sequential_check_finds_the_mutant_with_a_short_reproduction(upstream, kind, capsys):
     with Mutant(upstream, kind) as mutant:
-        code, report = check(capsys, mutant.endpoint, "--examples", "100", "--steps", "10", "--clients", "0",
-                             "--shrink-seconds", "10")
+        code, report = check(capsys, mutant.endpoint, "--examples", "200", "--steps", "10", "--clients", "0",
+                             "--shrink-seconds", "6")
     seq = report["sequential"]
     assert code == 1 and not report["ok"], json.dumps(report, indent=1)
     divergence = seq["divergence"]
@@ -80,8 +80,8 @@ def test_the_reproduction_runs_and_shows_the_divergence(upstream, capsys):
     """The printed Python program, run against the same mutant, prints the
     answer the model would not give (limit ignored: more keys than asked)."""
     with Mutant(upstream, "limit_ignored") as mutant:
-        code, report = check(capsys, mutant.endpoint, "--examples", "100", "--steps", "10", "--clients", "0",
-                             "--shrink-seconds", "10")
+        code, report = check(capsys, mutant.endpoint, "--examples", "200", "--steps", "10", "--clients", "0",
+                             "--shrink-seconds", "6")
         program = report["sequential"]["divergence"]["python"]
         exec(compile(program, "reproduction", "exec"), {"__name__": "reproduction"})
     printed = capsys.readouterr().out

@@ -260,7 +260,7 @@ class ConformanceMachine(RuleBasedStateMachine):
 
     @initialize(data=st.data())
     def populate(self, data):
-        for key, value in data.draw(st.lists(st.tuples(self.space.keys(), s.values), max_size=3), label="puts"):
+        for key, value in data.draw(st.lists(st.tuples(self.space.keys(), s.values), max_size=6), label="puts"):
             self.send("put", pb.PutRequest(key=key, value=value))
 
     @rule(data=st.data())
@@ -280,29 +280,31 @@ class ConformanceMachine(RuleBasedStateMachine):
         self.send("txn", data.draw(txns, label="txn"))
 
     @rule(data=st.data())
+    def guarded_put(self, data):
+        self.send("txn", data.draw(s.guarded_put_requests(self.model, self.space, self.leases), label="txn"))
+
+    @rule(data=st.data())
     def lease_grant(self, data):
-        lease_id = data.draw(st.sampled_from(self.leases.granted), label="lease")
-        self.send("lease_grant", pb.LeaseGrantRequest(TTL=LEASE_TTL, ID=lease_id))
+        self.send("lease_grant", data.draw(s.lease_grant_requests(self.leases, LEASE_TTL), label="grant"))
 
     @rule(data=st.data())
     def lease_revoke(self, data):
-        lease_id = data.draw(st.sampled_from((*self.leases.granted, self.leases.unknown)), label="lease")
-        self.send("lease_revoke", pb.LeaseRevokeRequest(ID=lease_id))
+        self.send("lease_revoke", data.draw(s.lease_revoke_requests(self.leases), label="revoke"))
 
     @precondition(lambda self: self.session.compact)
-    @rule(data=st.data(), physical=st.booleans())
-    def compact(self, data, physical):
-        cur, crev = self.model.revision, self.model.compact_revision
-        valid = s.between(min(max(crev + 1, self.model.start_revision), cur), cur)
-        anything = st.one_of(s.between(-1, 1), s.between(max(-1, crev - 1), cur + 1), st.just(cur + 1))
-        rev = data.draw(st.one_of(valid, valid, anything), label="revision")
-        self.send("compact", pb.CompactionRequest(revision=rev, physical=physical))
+    @rule(data=st.data())
+    def compact(self, data):
+        self.send("compact", data.draw(s.compaction_requests(self.model), label="compact"))
 
     # -- reads ------------------------------------------------------------------
 
     @rule(data=st.data())
     def read_range(self, data):
         self.send("range", data.draw(s.range_requests(self.model, self.space), label="range"))
+
+    @rule(data=st.data())
+    def list_page(self, data):
+        self.send("range", data.draw(s.page_requests(self.space), label="page"))
 
     @rule(data=st.data())
     def hash_kv(self, data):

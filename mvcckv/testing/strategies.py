@@ -1,6 +1,8 @@
 """Hypothesis strategies for etcd's requests.
 
-Keys come from a small alphabet under an optional prefix, so that they
+Every request the conformance machine sends comes from here: puts,
+ranges, deletes, txns, lease grants and revokes, compactions.  Keys come
+from a small alphabet under an optional prefix, so that they
 collide and ranges and prefixes overlap; txns draw every compare target
 and result, operands from the wrong union member, nested txns and both
 branches, so many break the duplicate-key rule and both sides must refuse
@@ -255,3 +257,45 @@ def txn_requests(model: Model, space: Keyspace, leases: Leases, depth: int = 2):
         ops,
         ops,
     )
+
+
+def lease_grant_requests(leases: Leases, ttl: int):
+    """Grants of the grantable IDs (granting one twice is refused)."""
+    return st.sampled_from(leases.granted).map(lambda i: pb.LeaseGrantRequest(TTL=ttl, ID=i))
+
+
+def lease_revoke_requests(leases: Leases):
+    """Revokes of the grantable IDs and of the one never granted."""
+    return st.sampled_from((*leases.granted, leases.unknown)).map(lambda i: pb.LeaseRevokeRequest(ID=i))
+
+
+@st.composite
+def compaction_requests(draw, model: Model) -> pb.CompactionRequest:
+    """Mostly valid compactions (above the compact revision, at most the
+    current one), else anything around the boundaries; physical or not."""
+    cur, crev = model.revision, model.compact_revision
+    valid = between(min(max(crev + 1, model.start_revision), cur), cur)
+    anything = st.one_of(between(-1, 1), between(max(-1, crev - 1), cur + 1), st.just(cur + 1))
+    return pb.CompactionRequest(revision=draw(st.one_of(valid, valid, anything)), physical=draw(st.booleans()))
+
+
+@st.composite
+def guarded_put_requests(draw, model: Model, space: Keyspace, leases: Leases) -> pb.TxnRequest:
+    """The txn clients send most: one compare, a put if it holds, a read
+    if not (a lock, a compare-and-swap, a leader election)."""
+    key = draw(space.keys())
+    c = draw(compares(model, space, leases))
+    c.key, c.range_end = key, b""
+    put = draw(put_requests(space, leases, flags=st.just(False)))
+    put.key = key
+    return pb.TxnRequest(compare=[c], success=[pb.RequestOp(request_put=put)],
+                         failure=[pb.RequestOp(request_range=pb.RangeRequest(key=key))])
+
+
+@st.composite
+def page_requests(draw, space: Keyspace) -> pb.RangeRequest:
+    """A page of a list, as Kubernetes reads: from a key to the end of the
+    keyspace, a small limit, sometimes keys only or a count."""
+    key = draw(st.one_of(st.just(space.everything[0]), space.keys()))
+    return pb.RangeRequest(key=key, range_end=space.end, limit=draw(st.integers(1, 3)),
+                           keys_only=draw(rarely), count_only=draw(seldom))
