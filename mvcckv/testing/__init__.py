@@ -11,8 +11,8 @@
   the methods of :class:`Target`.
 * :mod:`~mvcckv.testing.linearizability` — a per-key linearizability
   checker with a bounded search and an "unknown" verdict.
-* :mod:`~mvcckv.testing.concurrent` — concurrent clients, watch and lease
-  checks against a gRPC endpoint.
+* :func:`run_concurrent` (:mod:`~mvcckv.testing.concurrent`) — concurrent
+  clients, watch and lease checks against a gRPC endpoint.
 * :data:`PROFILES` — where etcd 3.4, 3.5 and 3.6 answer differently.
 
 ``mvcckv check`` (:mod:`mvcckv.testing.cli`) runs all of it against a
@@ -20,13 +20,14 @@ server.  The API of this package follows the project's version: additions
 in minor releases, no incompatible change before the next major one.
 """
 
+from mvcckv.testing.concurrent import ConcurrentResult, run_concurrent
 from mvcckv.testing.machine import ConformanceMachine, Session, SequentialResult, run_sequential
 from mvcckv.testing.model import Model
 from mvcckv.testing.profiles import PROFILES, Profile, profile_for
 from mvcckv.testing.targets import Connection, EmbeddedTarget, GrpcTarget, Indeterminate, RpcFailure, Target
 
 __all__ = [
-    "ConformanceMachine", "Session", "SequentialResult", "run_sequential", "Model",
+    "ConcurrentResult", "run_concurrent", "ConformanceMachine", "Session", "SequentialResult", "run_sequential", "Model",
     "PROFILES", "Profile", "profile_for",
     "Connection", "EmbeddedTarget", "GrpcTarget", "Indeterminate", "RpcFailure", "Target",
 ]

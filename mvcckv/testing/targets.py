@@ -11,8 +11,9 @@ a divergence.  A call whose outcome is unknown (deadline exceeded, server
 unreachable) raises :class:`Indeterminate`.
 
 To check your own system without a gRPC front end, write a class with the
-methods of :class:`Target` (duck typing is enough) and hand a factory for
-it to :func:`mvcckv.testing.run_conformance`.  ``changes`` may raise
+methods of :class:`Target` (duck typing is enough) and give a factory for
+it to a :class:`~mvcckv.testing.Session` run by
+:func:`mvcckv.testing.run_sequential`.  ``changes`` may raise
 ``NotImplementedError``; the history check is then skipped and said so in
 the report.  Top-level response headers are compared by revision only:
 cluster ID, member ID and raft term are the server's own.
