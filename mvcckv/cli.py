@@ -29,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     from mvcckv import snapshot
 
     snapshot.add_parser(sub)
+    __import__("mvcckv.testing.cli", fromlist=["add_parser"]).add_parser(sub)
     return parser
 
 

@@ -6,7 +6,15 @@ requests and responses are the very objects the engine takes and returns)
 and the error types (so "both refuse with ``CompactedError``" is one
 comparison).  Nothing here is fast; everything here should be obviously
 right.  ``test_store_stateful.py`` drives the engine and this model with the
-same requests and checks that they agree after every step.
+same requests and checks that they agree after every step; so does
+:class:`mvcckv.testing.machine.ConformanceMachine` for any target.
+
+A model can start from a store that already has history (a shared
+server): ``Model(revision=R, compact_revision=C)`` knows nothing of what
+happened before ``R`` and is right only for keys nobody but the run
+touches (the checker gives every run a key prefix of its own).  Where
+etcd releases differ, ``profile`` (:mod:`mvcckv.testing.profiles`) picks
+the answer.
 
 State
 -----
@@ -49,6 +57,7 @@ import copy
 from dataclasses import dataclass, field
 
 from mvcckv import errors
+from mvcckv.testing.profiles import DEFAULT, Profile
 from mvcckv.pb import kv_pb2
 from mvcckv.pb import rpc_pb2 as pb
 
@@ -282,10 +291,13 @@ def check_duplicate_keys(ops) -> tuple[set[bytes], list[tuple[bytes, bytes]]]:
 class Model:
     """etcd's KV semantics over a history of revisions (see the module docstring)."""
 
-    def __init__(self, max_txn_ops: int = DEFAULT_MAX_TXN_OPS):
+    def __init__(self, max_txn_ops: int = DEFAULT_MAX_TXN_OPS, *, profile: Profile = DEFAULT,
+                 revision: int = 1, compact_revision: int = -1):
         self.max_txn_ops = max_txn_ops
-        self.revision = 1  # §2.2: an empty store is at revision 1
-        self.compact_revision = -1
+        self.profile = profile
+        self.revision = revision  # §2.2: an empty store is at revision 1
+        self.start_revision = revision
+        self.compact_revision = compact_revision
         self.history: list[Revision] = []
         self.keys: dict[bytes, list[Generation]] = {}
         self.leases: set[int] = set()
@@ -585,6 +597,8 @@ class Model:
     def hash_revision(self, revision: int) -> int:
         """The revision HashKV(revision) hashes at, or its error (§10.3 step 1)."""
         if 0 < revision < self.compact_revision:
+            raise errors.CompactedError()
+        if revision == self.compact_revision > 0 and not self.profile.hashkv_at_compact_revision:
             raise errors.CompactedError()
         if revision > self.revision:
             raise errors.FutureRevisionError()
