@@ -533,7 +533,7 @@ class Server:
             return b"".join(f.readlines()[-n:]).decode(errors="replace")
 
 
-REFERENCES = ("noop-aio", "noop-threads", "etcd")
+REFERENCES = ("noop-aio", "noop-threads", "noop-durable", "etcd")
 
 
 def parse_reference(kind: str) -> tuple[str, dict]:
@@ -557,10 +557,13 @@ def parse_reference(kind: str) -> tuple[str, dict]:
 def reference_command(kind: str, port: int, datadir: str, etcd: str = "etcd",
                       noop_workers: int = 16) -> list[str]:
     base, extra = parse_reference(kind)
-    if base in ("noop-aio", "noop-threads"):
-        return [sys.executable, os.path.join(HERE, "noop_server.py"), "--port", str(port),
+    if base.startswith("noop-"):
+        argv = [sys.executable, os.path.join(HERE, "noop_server.py"), "--port", str(port),
                 "--mode", base.split("-")[1], "--workers", str(extra.get("workers", noop_workers)),
                 "--handlers", extra.get("handlers", "generic")]
+        if base == "noop-durable":
+            argv += ["--log-dir", datadir]
+        return argv
     if base == "etcd":
         peer = free_port()
         return [etcd, "--name", "bench", "--data-dir", datadir,
@@ -1013,7 +1016,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="seconds of unmeasured load before each row (0: none)")
     p.add_argument("--reference", nargs="?", const=",".join(REFERENCES), type=_parse_references,
                    help="also start and measure reference servers: comma list of noop-aio, "
-                        "noop-threads, etcd (default: all three); a no-op takes options after "
+                        "noop-threads, noop-durable, etcd (default: all four); a no-op takes options after "
                         "slashes, e.g. noop-threads/8/registered (8 workers, registered handlers)")
     p.add_argument("--noop-workers", type=int, default=16, help="thread pool of noop-threads")
     p.add_argument("--value-size", type=int, default=VALUE_SIZE)
