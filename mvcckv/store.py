@@ -215,9 +215,12 @@ class _ReadView:
         _, revs, total = index.range(key, end, rev, limit)
         if not revs:
             return [], total, cur
+        # Keys packed here, without to_bytes' checks: the index only holds
+        # valid revisions, and this loop is most of a long range's cost.
         get = self._txn.get
         db = self._store._backend.key_db
-        return [get(to_bytes(r), db=db) for r in revs], total, cur
+        pack = _REV_KEY.pack
+        return [get(pack(main, b"_", sub), db=db) for main, sub in revs], total, cur
 
     def lease_exists(self, lease_id: int) -> bool:
         return self._store._lease_exists(lease_id)

@@ -33,7 +33,10 @@ def varint(n: int) -> bytes:
     """Base-128 varint of a non-negative int (a negative int64 would take
     ten bytes; no field spliced here is ever negative)."""
     if n < 0x80:
-        return _SMALL[n]
+        return _ONE_BYTE[n]
+    if n < 0x4000:
+        # Two bytes: every stored KeyValue of a small value (range100).
+        return bytes(((n & 0x7F) | 0x80, n >> 7))
     out = bytearray()
     while n >= 0x80:
         out.append((n & 0x7F) | 0x80)
@@ -42,7 +45,7 @@ def varint(n: int) -> bytes:
     return bytes(out)
 
 
-_SMALL = [bytes((i,)) for i in range(0x80)]
+_ONE_BYTE = [bytes((i,)) for i in range(0x80)]
 
 
 def header_prefix(cluster_id: int, member_id: int) -> bytes:
@@ -71,12 +74,9 @@ def range_response(header: bytes, kvs: list[bytes], more: bool, count: int) -> b
     """An encoded RangeResponse around already-encoded KeyValues."""
     parts = [_HEADER_FIELD, varint(len(header)), header]
     for kv in kvs:
-        parts.append(_KV_FIELD)
-        parts.append(varint(len(kv)))
-        parts.append(kv)
+        parts += (_KV_FIELD, varint(len(kv)), kv)
     if more:
         parts.append(_MORE_TRUE)
     if count:
-        parts.append(_COUNT_FIELD)
-        parts.append(varint(count))
+        parts += (_COUNT_FIELD, varint(count))
     return b"".join(parts)
