@@ -1023,7 +1023,7 @@ class Store(Admission, AuthAdmin):
     def range_raw(self, req: pb.RangeRequest) -> tuple[list[bytes], bool, int, int] | None:
         """A Range answered with the stored KeyValue bytes: ``(kvs, more,
         count, header revision)``, ready to be spliced into a response
-        (``server/wire.py``).  None when the request needs the KeyValues
+        (``wire.py``).  None when the request needs the KeyValues
         themselves (sorting, revision filters, keys_only): then ask
         :meth:`range_request`.  Same checks and errors as ``range_request``.
         """

@@ -1,4 +1,4 @@
-"""Spliced answers (``server/wire.py``, ``Store.range_raw``) are the bytes
+"""Spliced answers (``mvcckv/wire.py``, ``Store.range_raw``, ``EventBatch``) are the bytes
 protobuf's own serializer gives for the same answer, and the raw-bytes
 handlers keep etcd's answers to requests that do not parse.  Also the
 writer's batch hand-off to an event loop (``Store.propose_on_loop``)."""
@@ -15,7 +15,8 @@ from mvcckv import errors
 from mvcckv.kv import KIND_PUT
 from mvcckv.pb import kv_pb2
 from mvcckv.pb import rpc_pb2 as pb
-from mvcckv.server import wire
+from mvcckv import wire
+from mvcckv.watch import BufferedStream, EventBatch, encode_events
 
 RR = pb.RangeRequest
 
@@ -223,3 +224,47 @@ def test_served_bad_request_keeps_etcd_message(served, method, body, message):
         _call(served, method, body)
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert e.value.details() == message
+
+
+# --- watch: events encoded once, framed per watcher ---------------------------
+
+
+def _events() -> list[kv_pb2.Event]:
+    put = kv_pb2.Event(type=kv_pb2.Event.PUT, kv=_kv(1, 64))
+    delete = kv_pb2.Event(type=kv_pb2.Event.DELETE, kv=kv_pb2.KeyValue(key=b"gone", mod_revision=9),
+                          prev_kv=_kv(2, 3))
+    return [put, delete, kv_pb2.Event(kv=_kv(3, 0))]
+
+
+@pytest.mark.parametrize("watch_id", [0, 1, 127, 128, 2**40])
+@pytest.mark.parametrize("n", [1, 3])
+def test_watch_response_matches_protobuf(watch_id, n):
+    events = _events()[:n]
+    batch = EventBatch(watch_id, 77, events, encode_events(events))
+    msg = batch.message()
+    msg.header.cluster_id, msg.header.member_id, msg.header.raft_term = 0xCDF818194E3A8C32, 5, 2
+    header = wire.response_header(wire.header_prefix(0xCDF818194E3A8C32, 5), 77, wire.header_suffix(2))
+    assert wire.watch_response(header, watch_id, batch.encoded) == msg.SerializeToString()
+    assert pb.WatchResponse.FromString(msg.SerializeToString()).events == events
+
+
+def test_hub_sends_batches_only_to_streams_that_take_them(store):
+    plain, encoded = BufferedStream(), BufferedStream(encoded=True)
+    hub = store.watch_hub
+    w1, _ = hub.watch(plain, b"fan", watch_id=3)
+    w2, _ = hub.watch(encoded, b"fan", watch_id=4)
+    w3, _ = hub.watch(encoded, b"fan", watch_id=5, prev_kv=True)
+    store.put(b"fan", b"1")
+    rev = store.put(b"fan", b"2").header.revision
+    first_plain, second_plain = plain.get(1), plain.get(1)
+    assert isinstance(second_plain, pb.WatchResponse)
+    got = [encoded.get(1) for _ in range(4)]
+    assert all(isinstance(r, EventBatch) for r in got)
+    b4 = [r for r in got if r.watch_id == 4][-1]
+    b5 = [r for r in got if r.watch_id == 5][-1]
+    assert b4.message().events == second_plain.events and b4.revision == rev
+    # Watchers of the same events share the encoded bytes; prev_kv makes others.
+    assert pb.WatchResponse.FromString(b5.encoded).events[0].prev_kv.value == b"1"
+    assert b4.encoded == pb.WatchResponse(events=second_plain.events).SerializeToString()
+    for w in (w1, w2, w3):
+        hub.cancel(w)

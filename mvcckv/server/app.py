@@ -300,8 +300,9 @@ def build_server(node: Node, config: Config) -> tuple[grpc.aio.Server, health.ai
     rpc_pb2_grpc.add_KVServicer_to_server(kv, methods)
     methods.add_registered_method_handlers("etcdserverpb.KV", kv.raw_handlers())
     node.store.watch_hub.progress_interval = config.watch_progress_notify_interval
-    rpc_pb2_grpc.add_WatchServicer_to_server(
-        WatchServicer(node, config.max_request_bytes + GRPC_OVERHEAD_BYTES, guard), methods)
+    watch = WatchServicer(node, config.max_request_bytes + GRPC_OVERHEAD_BYTES, guard)
+    rpc_pb2_grpc.add_WatchServicer_to_server(watch, methods)
+    methods.add_registered_method_handlers("etcdserverpb.Watch", watch.raw_handlers())
     rpc_pb2_grpc.add_LeaseServicer_to_server(LeaseServicer(node, guard), methods)
     rpc_pb2_grpc.add_MaintenanceServicer_to_server(MaintenanceServicer(node, guard), methods)
     rpc_pb2_grpc.add_ClusterServicer_to_server(ClusterServicer(node, guard), methods)

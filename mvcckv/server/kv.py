@@ -12,7 +12,7 @@ auth revision it was checked at into the log.
 
 Range and Put, the calls clients make most, take and give raw bytes
 (``handlers``): Range splices the stored KeyValue bytes into its answer
-when the engine offers ``range_raw`` (``wire.py``), and Put hands its
+when the engine offers ``range_raw`` (``mvcckv/wire.py``), and Put hands its
 request bytes to the engine to log as they arrived.  Every other method,
 and an engine without those entry points, goes through protobuf messages.
 """
@@ -25,7 +25,7 @@ import grpc
 
 from mvcckv.pb import rpc_pb2 as pb
 from mvcckv.pb import rpc_pb2_grpc
-from mvcckv.server import wire
+from mvcckv import wire
 from mvcckv.server.guard import Guard
 from mvcckv.server.node import Node
 from mvcckv.server.rpctypes import rpc, unmarshal

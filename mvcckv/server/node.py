@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from functools import cached_property
 
 from mvcckv.pb import rpc_pb2 as pb
-from mvcckv.server import wire
+from mvcckv import wire
 from mvcckv.store import Store
 
 RAFT_TERM = 2
@@ -53,7 +53,7 @@ class Node:
             header.revision = self.store.revision
 
     def header_bytes(self, revision: int) -> bytes:
-        """``fill``'s header at ``revision``, encoded (``wire.py``)."""
+        """``fill``'s header at ``revision``, encoded (``mvcckv/wire.py``)."""
         prefix, suffix = self._header_parts
         return wire.response_header(prefix, revision, suffix)
 

@@ -12,6 +12,11 @@ its header followed by those bytes, each as a length-delimited field 2::
     ResponseHeader  08 <varint> cluster_id   10 <varint> member_id
                     18 <varint> revision     20 <varint> raft_term
 
+    WatchResponse   0a <len> ResponseHeader
+                    10 <varint> watch_id     (only when not 0)
+                    5a <len> Event           (once per event; encoded once
+                                              for every watcher, see watch.py)
+
 Fields are written in field-number order and zero values are left out,
 exactly as protobuf's own serializer writes them, so a spliced answer is
 byte-for-byte the one ``RangeResponse.SerializeToString`` would give
@@ -80,3 +85,10 @@ def range_response(header: bytes, kvs: list[bytes], more: bool, count: int) -> b
     if count:
         parts += (_COUNT_FIELD, varint(count))
     return b"".join(parts)
+
+
+def watch_response(header: bytes, watch_id: int, encoded_events: bytes) -> bytes:
+    """An encoded WatchResponse carrying only events (``EventBatch``)."""
+    if watch_id:
+        return b"".join((_HEADER_FIELD, varint(len(header)), header, b"\x10", varint(watch_id), encoded_events))
+    return b"".join((_HEADER_FIELD, varint(len(header)), header, encoded_events))
