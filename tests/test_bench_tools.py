@@ -286,6 +286,28 @@ def test_h2load_against_noop_server(tmp_path):
     assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
 
 
+def test_durable_noop_logs_every_put_before_answering(tmp_path):
+    pytest.importorskip("grpc")
+    put = gl.put_request(b"k", b"v" * 10)
+    with gl.reference_server("noop-durable", None, str(tmp_path)) as srv:
+        addr = gl.target_address(srv.url)
+        logs = [os.path.join(d, f) for d, _, fs in os.walk(srv.workdir) for f in fs if f == "puts.log"]
+        assert len(logs) == 1
+        for i in range(3):
+            answer = gl.grpc_unary(addr, "/etcdserverpb.KV/Put", put)
+            assert gl.summarize_response("Put", answer)["revision"] == 1000
+            # Answered only once the record was written (and fdatasynced).
+            assert os.path.getsize(logs[0]) == (i + 1) * (4 + len(put))
+        # Ranges are answered from the canned bytes, like noop-aio.
+        assert gl.check_workload(addr, gl.workloads()["range100"])["kvs"] == 100
+
+
+def test_durable_noop_needs_a_log_dir():
+    proc = subprocess.run([sys.executable, os.path.join(BENCH, "noop_server.py"), "--mode", "durable"],
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2 and "--mode durable needs --log-dir" in proc.stderr
+
+
 # ---------------------------------------------------------------------------
 # bench/compare.py: the table's rows, and one short run of every engine
 
