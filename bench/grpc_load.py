@@ -449,8 +449,11 @@ def core_busy_seconds(cpus: Iterable[int]) -> float:
     return ticks / CLK_TCK
 
 
-def plan_cpus() -> tuple[set[int] | None, set[int] | None]:
-    """(server cpus, load cpus): first allowed core for the server, second for h2load."""
+def plan_cpus(choice: tuple[int, int] | None = None) -> tuple[set[int] | None, set[int] | None]:
+    """(server cpus, load cpus): first allowed core for the server, second for
+    h2load, or the (server, load) cores of ``choice``."""
+    if choice is not None:
+        return {choice[0]}, {choice[1]}
     allowed = sorted(os.sched_getaffinity(0))
     if len(allowed) < 2:
         return None, None
@@ -978,6 +981,17 @@ def _parse_list(text: str, allowed: Sequence[str] | None = None) -> list[str]:
     return items
 
 
+def _parse_cpus(text: str) -> tuple[int, int]:
+    try:
+        server, load = (int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected SERVER,LOAD core numbers, got {text!r}") from None
+    allowed = os.sched_getaffinity(0)
+    if server == load or server not in allowed or load not in allowed:
+        raise argparse.ArgumentTypeError(f"need two different cores among {sorted(allowed)}")
+    return server, load
+
+
 def _parse_references(text: str) -> list[str]:
     kinds = _parse_list(text)
     for kind in kinds:
@@ -1021,6 +1035,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--noop-workers", type=int, default=16, help="thread pool of noop-threads")
     p.add_argument("--value-size", type=int, default=VALUE_SIZE)
     p.add_argument("--no-pin", action="store_true", help="do not set CPU affinities")
+    p.add_argument("--cpus", type=_parse_cpus, metavar="SERVER,LOAD",
+                   help="cores for the servers and for h2load (default: the first two allowed), "
+                        "e.g. 1,0 when other work crowds core 0")
     p.add_argument("--retry-noisy", type=float, metavar="PCT",
                    help="repeat a run (up to 3 times) when other processes used more than PCT%% "
                         "of the server's core during it (needs pinning)")
@@ -1051,7 +1068,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGHUP, _interrupt)
 
-    server_cpus, load_cpus = (None, None) if args.no_pin else plan_cpus()
+    server_cpus, load_cpus = (None, None) if args.no_pin else plan_cpus(args.cpus)
     if load_cpus:
         # h2load and every thread created from here on inherit the load core.
         os.sched_setaffinity(0, load_cpus)

@@ -286,6 +286,18 @@ def test_h2load_against_noop_server(tmp_path):
     assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
 
 
+def test_cpus_option_picks_server_and_load_cores():
+    import argparse
+
+    assert gl.plan_cpus((1, 0)) == ({1}, {0})
+    for bad in ("0,0", "a,b", "1", "0,1,2"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            gl._parse_cpus(bad)
+    allowed = sorted(os.sched_getaffinity(0))
+    if len(allowed) >= 2:
+        assert gl._parse_cpus(f"{allowed[1]},{allowed[0]}") == (allowed[1], allowed[0])
+
+
 def test_durable_noop_logs_every_put_before_answering(tmp_path):
     pytest.importorskip("grpc")
     put = gl.put_request(b"k", b"v" * 10)
