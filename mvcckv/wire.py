@@ -78,13 +78,24 @@ def response_header(prefix: bytes, revision: int, suffix: bytes) -> bytes:
 def range_response(header: bytes, kvs: list[bytes], more: bool, count: int) -> bytes:
     """An encoded RangeResponse around already-encoded KeyValues."""
     parts = [_HEADER_FIELD, varint(len(header)), header]
+    append = parts.append
+    prefixes = _KV_PREFIXES
     for kv in kvs:
-        parts += (_KV_FIELD, varint(len(kv)), kv)
+        n = len(kv)
+        append(prefixes[n] if n < _KV_PREFIXED else _KV_FIELD + varint(n))
+        append(kv)
     if more:
-        parts.append(_MORE_TRUE)
+        append(_MORE_TRUE)
     if count:
-        parts += (_COUNT_FIELD, varint(count))
+        append(_COUNT_FIELD)
+        append(varint(count))
     return b"".join(parts)
+
+
+# Tag and length of a KeyValue field, precomputed for the sizes most values
+# have: half the cost of splicing 100 keys (grpc_load range100).
+_KV_PREFIXED = 2048
+_KV_PREFIXES = [_KV_FIELD + varint(n) for n in range(_KV_PREFIXED)]
 
 
 def watch_response(header: bytes, watch_id: int, encoded_events: bytes) -> bytes:
