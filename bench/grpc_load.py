@@ -841,12 +841,13 @@ def _fmt(v: float | None, digits: int) -> str:
 
 
 def format_table(rows: list[Row], references: dict[str, list[Row]] | None = None) -> str:
-    """Markdown table of medians; with references, QPS ratios against each one."""
+    """Markdown table of medians; with references, QPS and CPU-per-request
+    ratios against each one, and each one's CPU per request."""
     refs = references or {}
     head = ["workload", "conc", "c x m", "QPS", "p50 ms", "p99 ms", "srv CPU s/1k ops",
             "srv CPU %", "other CPU %", "failed", "h2load CPU %"]
     for name in refs:
-        head += [f"QPS / {name}", f"CPU/op / {name}"]
+        head += [f"QPS / {name}", f"CPU/op / {name}", f"{name} CPU s/1k"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         # a row with a note (gRPC errors suspected) gets its QPS marked
@@ -861,6 +862,8 @@ def format_table(rows: list[Row], references: dict[str, list[Row]] | None = None
             cells.append(f"{row.rps / ref.rps:.2f}" if ref and ref.rps else "-")
             cells.append(f"{row.cpu_per_kop / ref.cpu_per_kop:.2f}"
                          if ref and row.cpu_per_kop and ref.cpu_per_kop else "-")
+            # The reference's own CPU per request, beside the target's.
+            cells.append(_fmt(ref.cpu_per_kop, 3) if ref else "-")
         lines.append("| " + " | ".join(cells) + " |")
     notes = [f"- {row.workload} @ {row.concurrency}: {n}" for row in rows for n in row.notes]
     return "\n".join(lines + ([""] + notes if notes else []))

@@ -247,6 +247,13 @@ def test_summarize_runs_flags_bodyless_answers():
     assert "| 100 (!) |" in gl.format_table([row])
     table = gl.format_table([row], {"ref": [row]})
     assert table.splitlines()[0].startswith("| workload | conc |") and "QPS / ref" in table
+    # Each reference's own CPU per request sits beside the ratios.
+    head, _, first = table.splitlines()[:3]
+    def split(line):
+        return [c.strip() for c in line.strip().strip("|").split("|")]
+
+    cells = dict(zip(split(head), split(first)))
+    assert cells["ref CPU s/1k"] == "0.500" and cells["CPU/op / ref"] == "1.00"
 
 
 def test_cpu_seconds_of_self():
