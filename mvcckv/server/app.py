@@ -150,10 +150,11 @@ class Dispatcher(grpc.GenericRpcHandler):
     Services register here as they would on a server (the generated
     ``add_*Servicer_to_server`` functions take it as one), and the server
     gets this one generic handler.  It is grpc.aio's cheapest way to look at
-    every call: ``service`` is a plain function call, where a server
-    interceptor costs two coroutines per call (grpc_load, every workload).
-    It is also the one place that sees every call first, should anything
-    need to (a per-RPC counter).
+    every call: ``service`` is a plain function call, where with a server
+    interceptor grpc.aio awaits two more coroutines per call (its
+    ``_run_interceptor`` and the interceptor's ``intercept_service``).  It
+    is also the one place that sees every call first, should anything need
+    to (a per-RPC counter).
     """
 
     def __init__(self):

@@ -11,7 +11,7 @@ is withdrawn if the auth store changed while it ran, a write carries the
 auth revision it was checked at into the log.
 
 Range and Put, the calls clients make most, take and give raw bytes
-(``handlers``): Range splices the stored KeyValue bytes into its answer
+(``raw_handlers``): Range splices the stored KeyValue bytes into its answer
 when the engine offers ``range_raw`` (``mvcckv/wire.py``), and Put hands its
 request bytes to the engine to log as they arrived.  Every other method,
 and an engine without those entry points, goes through protobuf messages.
@@ -23,9 +23,9 @@ import asyncio
 
 import grpc
 
+from mvcckv import wire
 from mvcckv.pb import rpc_pb2 as pb
 from mvcckv.pb import rpc_pb2_grpc
-from mvcckv import wire
 from mvcckv.server.guard import Guard
 from mvcckv.server.node import Node
 from mvcckv.server.rpctypes import rpc, unmarshal
@@ -96,7 +96,6 @@ class KVServicer(rpc_pb2_grpc.KVServicer):
         # Root only, as etcd 3.6.9 and later (3.4 let anyone compact).
         self._guard.admin(context)
         return await self._node.write(KIND_COMPACT, request)
-
 
 
 _parse_range = pb.RangeRequest.FromString

@@ -13,8 +13,8 @@ import asyncio
 from dataclasses import dataclass
 from functools import cached_property
 
-from mvcckv.pb import rpc_pb2 as pb
 from mvcckv import wire
+from mvcckv.pb import rpc_pb2 as pb
 from mvcckv.store import Store
 
 RAFT_TERM = 2
