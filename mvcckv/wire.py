@@ -42,6 +42,9 @@ def varint(n: int) -> bytes:
     if n < 0x4000:
         # Two bytes: every stored KeyValue of a small value (range100).
         return bytes(((n & 0x7F) | 0x80, n >> 7))
+    if n < 0x200000:
+        # Three bytes: the revision in most headers.
+        return bytes(((n & 0x7F) | 0x80, ((n >> 7) & 0x7F) | 0x80, n >> 14))
     out = bytearray()
     while n >= 0x80:
         out.append((n & 0x7F) | 0x80)

@@ -23,7 +23,7 @@ RR = pb.RangeRequest
 IDS = [0, 1, 127, 128, 300, 2**32, 0x8E9E05C52164694D, 2**64 - 1]
 
 
-@pytest.mark.parametrize("n", [0, 1, 127, 128, 16383, 16384, 2**35, 2**64 - 1])
+@pytest.mark.parametrize("n", [0, 1, 127, 128, 16383, 16384, 2**21 - 1, 2**21, 2**35, 2**64 - 1])
 def test_varint_matches_protobuf(n):
     # A uint64 field's encoding minus its one-byte tag is the varint
     # (protobuf leaves a zero field out).
