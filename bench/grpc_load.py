@@ -449,8 +449,11 @@ def core_busy_seconds(cpus: Iterable[int]) -> float:
     return ticks / CLK_TCK
 
 
-def plan_cpus() -> tuple[set[int] | None, set[int] | None]:
-    """(server cpus, load cpus): first allowed core for the server, second for h2load."""
+def plan_cpus(choice: tuple[int, int] | None = None) -> tuple[set[int] | None, set[int] | None]:
+    """(server cpus, load cpus): first allowed core for the server, second for
+    h2load, or the (server, load) cores of ``choice``."""
+    if choice is not None:
+        return {choice[0]}, {choice[1]}
     allowed = sorted(os.sched_getaffinity(0))
     if len(allowed) < 2:
         return None, None
@@ -533,7 +536,7 @@ class Server:
             return b"".join(f.readlines()[-n:]).decode(errors="replace")
 
 
-REFERENCES = ("noop-aio", "noop-threads", "etcd")
+REFERENCES = ("noop-aio", "noop-threads", "noop-durable", "etcd")
 
 
 def parse_reference(kind: str) -> tuple[str, dict]:
@@ -557,10 +560,13 @@ def parse_reference(kind: str) -> tuple[str, dict]:
 def reference_command(kind: str, port: int, datadir: str, etcd: str = "etcd",
                       noop_workers: int = 16) -> list[str]:
     base, extra = parse_reference(kind)
-    if base in ("noop-aio", "noop-threads"):
-        return [sys.executable, os.path.join(HERE, "noop_server.py"), "--port", str(port),
+    if base.startswith("noop-"):
+        argv = [sys.executable, os.path.join(HERE, "noop_server.py"), "--port", str(port),
                 "--mode", base.split("-")[1], "--workers", str(extra.get("workers", noop_workers)),
                 "--handlers", extra.get("handlers", "generic")]
+        if base == "noop-durable":
+            argv += ["--log-dir", datadir]
+        return argv
     if base == "etcd":
         peer = free_port()
         return [etcd, "--name", "bench", "--data-dir", datadir,
@@ -835,12 +841,13 @@ def _fmt(v: float | None, digits: int) -> str:
 
 
 def format_table(rows: list[Row], references: dict[str, list[Row]] | None = None) -> str:
-    """Markdown table of medians; with references, QPS ratios against each one."""
+    """Markdown table of medians; with references, QPS and CPU-per-request
+    ratios against each one, and each one's CPU per request."""
     refs = references or {}
     head = ["workload", "conc", "c x m", "QPS", "p50 ms", "p99 ms", "srv CPU s/1k ops",
             "srv CPU %", "other CPU %", "failed", "h2load CPU %"]
     for name in refs:
-        head += [f"QPS / {name}", f"CPU/op / {name}"]
+        head += [f"QPS / {name}", f"CPU/op / {name}", f"{name} CPU s/1k"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         # a row with a note (gRPC errors suspected) gets its QPS marked
@@ -855,6 +862,8 @@ def format_table(rows: list[Row], references: dict[str, list[Row]] | None = None
             cells.append(f"{row.rps / ref.rps:.2f}" if ref and ref.rps else "-")
             cells.append(f"{row.cpu_per_kop / ref.cpu_per_kop:.2f}"
                          if ref and row.cpu_per_kop and ref.cpu_per_kop else "-")
+            # The reference's own CPU per request, beside the target's.
+            cells.append(_fmt(ref.cpu_per_kop, 3) if ref else "-")
         lines.append("| " + " | ".join(cells) + " |")
     notes = [f"- {row.workload} @ {row.concurrency}: {n}" for row in rows for n in row.notes]
     return "\n".join(lines + ([""] + notes if notes else []))
@@ -975,6 +984,17 @@ def _parse_list(text: str, allowed: Sequence[str] | None = None) -> list[str]:
     return items
 
 
+def _parse_cpus(text: str) -> tuple[int, int]:
+    try:
+        server, load = (int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected SERVER,LOAD core numbers, got {text!r}") from None
+    allowed = os.sched_getaffinity(0)
+    if server == load or server not in allowed or load not in allowed:
+        raise argparse.ArgumentTypeError(f"need two different cores among {sorted(allowed)}")
+    return server, load
+
+
 def _parse_references(text: str) -> list[str]:
     kinds = _parse_list(text)
     for kind in kinds:
@@ -1013,11 +1033,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="seconds of unmeasured load before each row (0: none)")
     p.add_argument("--reference", nargs="?", const=",".join(REFERENCES), type=_parse_references,
                    help="also start and measure reference servers: comma list of noop-aio, "
-                        "noop-threads, etcd (default: all three); a no-op takes options after "
+                        "noop-threads, noop-durable, etcd (default: all four); a no-op takes options after "
                         "slashes, e.g. noop-threads/8/registered (8 workers, registered handlers)")
     p.add_argument("--noop-workers", type=int, default=16, help="thread pool of noop-threads")
     p.add_argument("--value-size", type=int, default=VALUE_SIZE)
     p.add_argument("--no-pin", action="store_true", help="do not set CPU affinities")
+    p.add_argument("--cpus", type=_parse_cpus, metavar="SERVER,LOAD",
+                   help="cores for the servers and for h2load (default: the first two allowed), "
+                        "e.g. 1,0 when other work crowds core 0")
     p.add_argument("--retry-noisy", type=float, metavar="PCT",
                    help="repeat a run (up to 3 times) when other processes used more than PCT%% "
                         "of the server's core during it (needs pinning)")
@@ -1048,7 +1071,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGHUP, _interrupt)
 
-    server_cpus, load_cpus = (None, None) if args.no_pin else plan_cpus()
+    server_cpus, load_cpus = (None, None) if args.no_pin else plan_cpus(args.cpus)
     if load_cpus:
         # h2load and every thread created from here on inherit the load core.
         os.sched_setaffinity(0, load_cpus)

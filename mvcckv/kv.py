@@ -9,6 +9,17 @@ Writes are *proposed*: ``propose`` validates the request at once (raising
 etcd's error for a bad one) and returns a future that resolves to the
 response once the write is durable and applied.  Reads are answered
 synchronously and must be cheap enough to run on an event loop.
+
+Two entry points are optional fast paths; the server uses them when an
+engine has them and the methods of :class:`Engine` otherwise (the
+PostgreSQL engine has neither):
+
+* ``range_raw(req)`` -> ``(kvs, more, count, revision)`` with each KeyValue
+  as its stored bytes, or None when the request needs messages (see
+  ``Store.range_raw``); the server splices the bytes into its answer;
+* ``propose_on_loop(kind, req, auth_revision, data)`` -> an asyncio future
+  of the running loop, settled a batch per loop wake-up, ``data`` being
+  the request's bytes as they arrived (see ``Store.propose_on_loop``).
 """
 
 from __future__ import annotations

@@ -247,6 +247,13 @@ def test_summarize_runs_flags_bodyless_answers():
     assert "| 100 (!) |" in gl.format_table([row])
     table = gl.format_table([row], {"ref": [row]})
     assert table.splitlines()[0].startswith("| workload | conc |") and "QPS / ref" in table
+    # Each reference's own CPU per request sits beside the ratios.
+    head, _, first = table.splitlines()[:3]
+    def split(line):
+        return [c.strip() for c in line.strip().strip("|").split("|")]
+
+    cells = dict(zip(split(head), split(first)))
+    assert cells["ref CPU s/1k"] == "0.500" and cells["CPU/op / ref"] == "1.00"
 
 
 def test_cpu_seconds_of_self():
@@ -284,6 +291,40 @@ def test_h2load_against_noop_server(tmp_path):
         assert r.p50_ms > 0 and r.p99_ms >= r.p50_ms and r.server_cpu_s is not None
         pid = srv.pid
     assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
+
+
+def test_cpus_option_picks_server_and_load_cores():
+    import argparse
+
+    assert gl.plan_cpus((1, 0)) == ({1}, {0})
+    for bad in ("0,0", "a,b", "1", "0,1,2"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            gl._parse_cpus(bad)
+    allowed = sorted(os.sched_getaffinity(0))
+    if len(allowed) >= 2:
+        assert gl._parse_cpus(f"{allowed[1]},{allowed[0]}") == (allowed[1], allowed[0])
+
+
+def test_durable_noop_logs_every_put_before_answering(tmp_path):
+    pytest.importorskip("grpc")
+    put = gl.put_request(b"k", b"v" * 10)
+    with gl.reference_server("noop-durable", None, str(tmp_path)) as srv:
+        addr = gl.target_address(srv.url)
+        logs = [os.path.join(d, f) for d, _, fs in os.walk(srv.workdir) for f in fs if f == "puts.log"]
+        assert len(logs) == 1
+        for i in range(3):
+            answer = gl.grpc_unary(addr, "/etcdserverpb.KV/Put", put)
+            assert gl.summarize_response("Put", answer)["revision"] == 1000
+            # Answered only once the record was written (and fdatasynced).
+            assert os.path.getsize(logs[0]) == (i + 1) * (4 + len(put))
+        # Ranges are answered from the canned bytes, like noop-aio.
+        assert gl.check_workload(addr, gl.workloads()["range100"])["kvs"] == 100
+
+
+def test_durable_noop_needs_a_log_dir():
+    proc = subprocess.run([sys.executable, os.path.join(BENCH, "noop_server.py"), "--mode", "durable"],
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2 and "--mode durable needs --log-dir" in proc.stderr
 
 
 # ---------------------------------------------------------------------------

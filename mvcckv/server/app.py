@@ -37,7 +37,6 @@ import socket
 import sys
 
 import grpc
-from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from mvcckv import errors
@@ -54,7 +53,7 @@ from mvcckv.server.lease import LeaseServicer
 from mvcckv.server.maintenance import MaintenanceServicer
 from mvcckv.server.metrics import Metrics
 from mvcckv.server.node import Node
-from mvcckv.server.rpctypes import InvalidClientAPIVersionError, status_code
+from mvcckv.server.rpctypes import InvalidClientAPIVersionError, status_code, unmarshal
 from mvcckv.server.tokens import token_provider
 from mvcckv.server.watch import WatchServicer
 from mvcckv.store import KIND_COMPACT
@@ -142,30 +141,50 @@ def client_api_version_ok(value: str) -> bool:
     return True
 
 
-class MetadataInterceptor(grpc.aio.ServerInterceptor):
-    """etcd's request metadata checks, for every service and call kind.
+class Dispatcher(grpc.GenericRpcHandler):
+    """Every method of every service, found in one dict per call, with
+    etcd's request metadata checks.
 
     ``client-api-version`` must be valid UTF-8.  ``hasleader`` ("fail if
     there is no leader") always holds: this server is its own leader.
+
+    Services register here as they would on a server (the generated
+    ``add_*Servicer_to_server`` functions take it as one), and the server
+    gets this one generic handler.  It is grpc.aio's cheapest way to look at
+    every call: ``service`` is a plain function call, where with a server
+    interceptor grpc.aio awaits two more coroutines per call (its
+    ``_run_interceptor`` and the interceptor's ``intercept_service``).  It
+    is also the one place that sees every call first, should anything need
+    to (a per-RPC counter).
     """
 
     def __init__(self):
-        self._decoding: dict[int, grpc.RpcMethodHandler] = {}
+        self._methods: dict[str, grpc.RpcMethodHandler] = {}
+        self._generic: list[grpc.GenericRpcHandler] = []
 
-    async def intercept_service(self, continuation, handler_call_details):
-        handler = await continuation(handler_call_details)
+    def add_registered_method_handlers(self, service: str, methods: dict[str, grpc.RpcMethodHandler]) -> None:
+        """Register (or replace) methods of ``service``."""
+        for name, handler in methods.items():
+            self._methods[f"/{service}/{name}"] = _decoding_request(handler)
+
+    def add_generic_rpc_handlers(self, handlers) -> None:
+        # Generated code registers every service both ways; a handler that
+        # only comes this way is asked after the registered methods.
+        self._generic.extend(handlers)
+
+    def service(self, handler_call_details):
+        handler = self._methods.get(handler_call_details.method)
         if handler is None:
-            return None
+            for generic in self._generic:
+                handler = generic.service(handler_call_details)
+                if handler is not None:
+                    break
+            else:
+                return None
         for key, value in handler_call_details.invocation_metadata or ():
             if key == CLIENT_API_VERSION_KEY and isinstance(value, str) and not client_api_version_ok(value):
                 return _refusing(handler, InvalidClientAPIVersionError())
-        if handler.request_streaming:
-            return handler  # the rpc wrapper answers an undecodable message
-        # One wrapped handler per method, made on its first call.
-        wrapped = self._decoding.get(id(handler))
-        if wrapped is None:
-            wrapped = self._decoding[id(handler)] = _decoding_request(handler)
-        return wrapped
+        return handler
 
 
 def _decoding_request(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
@@ -175,36 +194,31 @@ def _decoding_request(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
     "Unexpected <class DecodeError>" with a traceback in the log; etcd
     (grpc-go) answers INTERNAL "grpc: error unmarshalling request: ...",
     and so do we, quietly: bad bytes from a client are not a server fault.
+    A streaming request (the rpc wrapper answers an undecodable message)
+    and a raw-bytes handler (it parses with ``rpctypes.unmarshal``) are
+    left as they are.
     """
     parse = handler.request_deserializer
+    if handler.request_streaming or parse is None:
+        return handler
     if handler.response_streaming:
         behavior = handler.unary_stream
-
-        async def decode(raw, context):
-            try:
-                return parse(raw)
-            except DecodeError as err:
-                await context.abort(grpc.StatusCode.INTERNAL, f"grpc: error unmarshalling request: {err}")
 
         # grpcio tells generator handlers from context.write ones by their
         # kind, so the wrapper must be of the same kind.
         if inspect.isasyncgenfunction(behavior):
             async def stream(raw, context):
-                async for resp in behavior(await decode(raw, context), context):
+                async for resp in behavior(await unmarshal(parse, raw, context), context):
                     yield resp
         else:
             async def stream(raw, context):
-                await behavior(await decode(raw, context), context)
+                await behavior(await unmarshal(parse, raw, context), context)
 
         return grpc.unary_stream_rpc_method_handler(stream, response_serializer=handler.response_serializer)
     behavior = handler.unary_unary
 
     async def unary(raw, context):
-        try:
-            request = parse(raw)
-        except DecodeError as err:
-            await context.abort(grpc.StatusCode.INTERNAL, f"grpc: error unmarshalling request: {err}")
-        return await behavior(request, context)
+        return await behavior(await unmarshal(parse, raw, context), context)
 
     return grpc.unary_unary_rpc_method_handler(unary, response_serializer=handler.response_serializer)
 
@@ -282,23 +296,26 @@ def build_guard(node: Node, config: Config) -> Guard:
 
 def build_server(node: Node, config: Config,
                  metrics: Metrics | None = None) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
-    # The metrics interceptor comes first so that it counts every call,
-    # also those the metadata checks refuse.
-    interceptors = [MetadataInterceptor()]
-    if metrics is not None:
-        interceptors.insert(0, metrics.grpc)
+    # The metrics interceptor, when there is one, sees every call before the
+    # dispatcher's metadata checks, so it counts the calls they refuse too.
+    interceptors = [metrics.grpc] if metrics is not None else None
     server = grpc.aio.server(options=grpc_options(config), interceptors=interceptors)
+    methods = Dispatcher()
     guard = build_guard(node, config)
-    rpc_pb2_grpc.add_KVServicer_to_server(KVServicer(node, guard), server)
+    kv = KVServicer(node, guard)
+    rpc_pb2_grpc.add_KVServicer_to_server(kv, methods)
+    methods.add_registered_method_handlers("etcdserverpb.KV", kv.raw_handlers())
     node.store.watch_hub.progress_interval = config.watch_progress_notify_interval
-    rpc_pb2_grpc.add_WatchServicer_to_server(
-        WatchServicer(node, config.max_request_bytes + GRPC_OVERHEAD_BYTES, guard), server)
-    rpc_pb2_grpc.add_LeaseServicer_to_server(LeaseServicer(node, guard), server)
-    rpc_pb2_grpc.add_MaintenanceServicer_to_server(MaintenanceServicer(node, guard), server)
-    rpc_pb2_grpc.add_ClusterServicer_to_server(ClusterServicer(node, guard), server)
-    rpc_pb2_grpc.add_AuthServicer_to_server(AuthServicer(node, guard), server)
+    watch = WatchServicer(node, config.max_request_bytes + GRPC_OVERHEAD_BYTES, guard)
+    rpc_pb2_grpc.add_WatchServicer_to_server(watch, methods)
+    methods.add_registered_method_handlers("etcdserverpb.Watch", watch.raw_handlers())
+    rpc_pb2_grpc.add_LeaseServicer_to_server(LeaseServicer(node, guard), methods)
+    rpc_pb2_grpc.add_MaintenanceServicer_to_server(MaintenanceServicer(node, guard), methods)
+    rpc_pb2_grpc.add_ClusterServicer_to_server(ClusterServicer(node, guard), methods)
+    rpc_pb2_grpc.add_AuthServicer_to_server(AuthServicer(node, guard), methods)
     health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, methods)
+    server.add_generic_rpc_handlers((methods,))
     return server, health_servicer
 
 

@@ -9,16 +9,26 @@ inner headers of a txn); we add the identity to the top-level header.
 With auth on, the guard checks each request first (``guard.py``): a read
 is withdrawn if the auth store changed while it ran, a write carries the
 auth revision it was checked at into the log.
+
+Range and Put, the calls clients make most, take and give raw bytes
+(``raw_handlers``): Range splices the stored KeyValue bytes into its answer
+when the engine offers ``range_raw`` (``mvcckv/wire.py``), and Put hands its
+request bytes to the engine to log as they arrived.  Every other method,
+and an engine without those entry points, goes through protobuf messages.
 """
 
 from __future__ import annotations
 
 import asyncio
 
+import grpc
+
+from mvcckv import wire
+from mvcckv.pb import rpc_pb2 as pb
 from mvcckv.pb import rpc_pb2_grpc
 from mvcckv.server.guard import Guard
 from mvcckv.server.node import Node
-from mvcckv.server.rpctypes import rpc
+from mvcckv.server.rpctypes import rpc, unmarshal
 from mvcckv.store import KIND_COMPACT, KIND_DELETE_RANGE, KIND_PUT, KIND_TXN
 from mvcckv.validate import txn_is_read_only
 
@@ -31,6 +41,35 @@ class KVServicer(rpc_pb2_grpc.KVServicer):
         # An engine whose reads go over the network (PostgreSQL) must not
         # hold the event loop while they do.
         self._offload_reads = getattr(node.store, "reads_may_block", False)
+        self._range_raw = None if self._offload_reads else getattr(node.store, "range_raw", None)
+
+    def raw_handlers(self) -> dict[str, grpc.RpcMethodHandler]:
+        """Range and Put as raw-bytes handlers, registered over the
+        generated ones (no deserializer, no serializer)."""
+        return {
+            "Range": grpc.unary_unary_rpc_method_handler(self.Range),
+            "Put": grpc.unary_unary_rpc_method_handler(self.Put),
+        }
+
+    @rpc
+    async def Range(self, raw: bytes, context) -> bytes:
+        request = await unmarshal(_parse_range, raw, context)
+        checked = self._guard.range(context, request)
+        if self._range_raw is not None:
+            answer = self._range_raw(request)
+            if answer is not None:
+                kvs, more, count, revision = answer
+                if checked:
+                    self._guard.settled(checked)
+                return wire.range_response(self._node.header_bytes(revision), kvs, more, count)
+        resp = await self._read(self._store.range_request, request, checked)
+        return resp.SerializeToString()
+
+    @rpc
+    async def Put(self, raw: bytes, context) -> bytes:
+        request = await unmarshal(_parse_put, raw, context)
+        resp = await self._node.write(KIND_PUT, request, self._guard.put(context, request), raw)
+        return resp.SerializeToString()
 
     async def _read(self, fn, request, checked: int):
         if self._offload_reads:
@@ -41,14 +80,6 @@ class KVServicer(rpc_pb2_grpc.KVServicer):
             self._guard.settled(checked)
         self._node.fill(resp.header)
         return resp
-
-    @rpc
-    async def Range(self, request, context):
-        return await self._read(self._store.range_request, request, self._guard.range(context, request))
-
-    @rpc
-    async def Put(self, request, context):
-        return await self._node.write(KIND_PUT, request, self._guard.put(context, request))
 
     @rpc
     async def DeleteRange(self, request, context):
@@ -65,3 +96,7 @@ class KVServicer(rpc_pb2_grpc.KVServicer):
         # Root only, as etcd 3.6.9 and later (3.4 let anyone compact).
         self._guard.admin(context)
         return await self._node.write(KIND_COMPACT, request)
+
+
+_parse_range = pb.RangeRequest.FromString
+_parse_put = pb.PutRequest.FromString

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
+from functools import cached_property
 
+from mvcckv import wire
 from mvcckv.pb import rpc_pb2 as pb
 from mvcckv.store import Store
 
@@ -50,12 +52,35 @@ class Node:
         if header.revision == 0:
             header.revision = self.store.revision
 
-    async def write(self, kind: int, request, auth_revision: int = 0):
+    def header_bytes(self, revision: int) -> bytes:
+        """``fill``'s header at ``revision``, encoded (``mvcckv/wire.py``)."""
+        prefix, suffix = self._header_parts
+        return wire.response_header(prefix, revision, suffix)
+
+    @cached_property
+    def _header_parts(self) -> tuple[bytes, bytes]:
+        return wire.header_prefix(self.cluster_id, self.member_id), wire.header_suffix(RAFT_TERM)
+
+    async def write(self, kind: int, request, auth_revision: int = 0, data: bytes | None = None):
         """Propose a logged request, await its answer without holding the
-        event loop, and fill the answer's header."""
-        resp = await asyncio.wrap_future(self.store.propose(kind, request, auth_revision=auth_revision))
+        event loop, and fill the answer's header.
+
+        ``data``: the request's bytes as they arrived, for an engine that
+        can log them as they are.
+        """
+        on_loop = self._propose_on_loop
+        if on_loop is not None:
+            resp = await on_loop(kind, request, auth_revision, data)
+        else:
+            resp = await asyncio.wrap_future(self.store.propose(kind, request, auth_revision=auth_revision))
         self.fill(resp.header)
         return resp
+
+    @property
+    def _propose_on_loop(self):
+        # An engine that answers asyncio futures itself, a batch per loop
+        # wake-up (Store.propose_on_loop); others get wrap_future.
+        return getattr(self.store, "propose_on_loop", None)
 
     def member(self) -> pb.Member:
         return pb.Member(

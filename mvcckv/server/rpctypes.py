@@ -149,6 +149,16 @@ def go_status_text(err: errors.MvccError) -> str:
     return f"rpc error: code = {name} desc = {err}"
 
 
+async def unmarshal(parse, raw: bytes, context):
+    """Parse a unary request a handler took as raw bytes; one that does not
+    parse gets grpc-go's answer (INTERNAL "grpc: error unmarshalling
+    request: ..."), as etcd gives it, instead of grpcio's UNKNOWN."""
+    try:
+        return parse(raw)
+    except DecodeError as err:
+        await context.abort(Code.INTERNAL, f"grpc: error unmarshalling request: {err}")
+
+
 def rpc(method):
     """Decorate a servicer coroutine so that every error becomes a status.
 

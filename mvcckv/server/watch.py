@@ -8,9 +8,14 @@ Everything a client receives on a stream passes through one
                                                                         ├──> BufferedStream ──> send task ──> client
     WatchHub (writer and watch threads) ──(events, progress: try_send)──┘
 
-* The hub never waits for a client: on a full buffer (128 responses)
-  ``try_send`` fails and the hub parks the response with the watcher (a
-  *victim*, see ``mvcckv/watch.py``).
+* The hub never waits for a client: on a full buffer ``try_send`` fails
+  and the hub parks the response with the watcher (a *victim*, see
+  ``mvcckv/watch.py``).  The buffer holds etcd's 128 responses plus one
+  per watcher of the stream: one commit gives every watcher of the key a
+  response, and with 1,000 watchers on a stream a bound of 128 made most
+  of them victims on every revision, each then caught up from the backend
+  (bench_watch_lease, many watchers).  It stays bounded, and each extra
+  slot holds an EventBatch that shares its events' bytes.
 * Control responses are queued in request order, one per create request,
   because Go clientv3 pairs them with its create requests by order, not ID.
 * The hub may deliver a commit to a new watcher before its created response
@@ -32,6 +37,8 @@ from __future__ import annotations
 import asyncio
 import threading
 
+import grpc
+
 from mvcckv import errors
 from mvcckv.pb import rpc_pb2 as pb
 from mvcckv.pb import rpc_pb2_grpc
@@ -39,7 +46,8 @@ from mvcckv.server.guard import Guard
 from mvcckv.server.node import RAFT_TERM, Node
 from mvcckv.server import rpctypes
 from mvcckv.server.rpctypes import rpc
-from mvcckv.watch import BufferedStream, Watcher, WatchRangeError, normalize_range
+from mvcckv import wire
+from mvcckv.watch import STREAM_BUFFER, BufferedStream, EventBatch, Watcher, WatchRangeError, normalize_range
 
 AUTO_WATCH_ID = 0
 """A create request's ``watch_id`` that asks the server to pick one."""
@@ -101,6 +109,10 @@ def fragments(resp: pb.WatchResponse, limit: int):
         yield part
 
 
+def _serialize(resp) -> bytes:
+    return resp if type(resp) is bytes else resp.SerializeToString()
+
+
 def _varint_len(n: int) -> int:
     return max(1, (n.bit_length() + 6) // 7)
 
@@ -121,6 +133,12 @@ class WatchServicer(rpc_pb2_grpc.WatchServicer):
         self._node = node
         self._fragment_bytes = fragment_bytes
         self._guard = guard
+
+    def raw_handlers(self) -> dict[str, grpc.RpcMethodHandler]:
+        """Watch with a serializer that also takes an answer already encoded
+        (events, see ``_WatchStream._send``), registered over the generated one."""
+        return {"Watch": grpc.stream_stream_rpc_method_handler(
+            self.Watch, request_deserializer=pb.WatchRequest.FromString, response_serializer=_serialize)}
 
     @rpc
     async def Watch(self, request_iterator, context):
@@ -151,7 +169,7 @@ class _WatchStream:
         self._store = node.store
         self._hub = node.store.watch_hub
         self._fragment_bytes = fragment_bytes
-        self._out = BufferedStream(loop=loop)
+        self._out = BufferedStream(capacity=STREAM_BUFFER, loop=loop, encoded=True)
         # Guards _watchers and _closed against a create finishing in a
         # worker thread while the stream closes.
         self._mu = threading.Lock()
@@ -216,6 +234,8 @@ class _WatchStream:
         with self._mu:
             if not self._closed:
                 self._watchers[wid] = w
+                # One more response of room (see the module docstring).
+                self._out.capacity += 1
                 return rev
         self._hub.cancel(w)
         return None
@@ -230,6 +250,7 @@ class _WatchStream:
         if w is None:
             return  # unknown ID: etcd does not answer
         await asyncio.to_thread(self._hub.cancel, w)
+        self._out.capacity -= 1
         resp = pb.WatchResponse(watch_id=wid, canceled=True)
         resp.header.revision = self._store.revision
         self._out.force_send(_Control(resp))
@@ -276,9 +297,16 @@ class _WatchStream:
                 else:
                     await self._send(write, item)
 
-    async def _send(self, write, resp: pb.WatchResponse) -> None:
-        self._stamp(resp)
+    async def _send(self, write, resp) -> None:
         w = self._watchers.get(resp.watch_id)
+        if type(resp) is EventBatch:
+            if w is None or not w.fragment:
+                # The events were encoded once for every watcher of the
+                # revision; this watcher's answer frames them.
+                await write(wire.watch_response(self._node.header_bytes(resp.revision), resp.watch_id, resp.encoded))
+                return
+            resp = resp.message()
+        self._stamp(resp)
         if w is None or not w.fragment:
             await write(resp)
             return
