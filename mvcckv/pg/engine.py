@@ -18,8 +18,12 @@ refuse a bad request with the same error; the request-level rules (range
 options, compares, check-then-execute) are txn.py's, run over SQL views
 (view.py), so both engines answer alike.
 
-Reads run in a REPEATABLE READ READ ONLY transaction on a pooled
-connection: the revision and the rows come from one snapshot.  Watchers are
+A Range is one statement that reads the revision and the rows from its one
+snapshot (view.read_statement), in autocommit: one round trip.  The server
+awaits it on its event loop over an async connection (``range_async``,
+aio.py); the embedded API runs it on a pooled connection.  Other reads (a
+read-only Txn, lease and maintenance reads) run in a REPEATABLE READ READ
+ONLY transaction on a pooled connection.  Watchers are
 fed by the change feed (feed.py) from LISTEN/NOTIFY, so a write on any
 process reaches the watchers of every process.
 
@@ -72,6 +76,7 @@ elsewhere takes effect on B when B hears of it.
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import logging
 import queue
@@ -123,10 +128,12 @@ from mvcckv.lease import DEFAULT_MIN_TTL, MAX_LEASE_TTL, lease_key
 from mvcckv.pb import kv_pb2, lease_pb2
 from mvcckv.pb import rpc_pb2 as pb
 from mvcckv.pg import compaction
+from mvcckv.pg.errors import CONNECTION_ERRORS as _CONNECTION_ERRORS
 from mvcckv.pg.errors import ConnectError, SchemaError, UnavailableError
 from mvcckv.pg.feed import ChangeFeed, Changes, read_changes
 from mvcckv.pg.schema import channel, check_schema_name, migrate
-from mvcckv.pg.view import ReadView, WriteView, range_at
+from mvcckv.pg.aio import AsyncReads
+from mvcckv.pg.view import ReadView, WriteView, range_at, read_result, read_statement
 from mvcckv.revision import to_bytes
 from mvcckv.admission import DEFAULT_MAX_REQUEST_BYTES, DEFAULT_MAX_TXN_OPS, Admission
 from mvcckv.store import Store, StoreStatus
@@ -137,8 +144,6 @@ _EXPIRE = -1  # internal writer item: revoke expired leases
 _WAKE = object()  # wakes the compactor thread to stop
 
 _MAX_BATCH = 256
-# A broken connection; anything else from psycopg is a bug or bad data.
-_CONNECTION_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError)
 
 _LOCK_META = """SELECT revision, compact_revision, finished_compact_revision,
     (SELECT coalesce(json_agg(json_build_array(member_id, alarm)), '[]') FROM alarm)
@@ -358,6 +363,9 @@ class PgEngine(Admission, AuthAdmin):
             raise ConnectError(f"{where}: {_one_line(e)}") from None
         try:
             self._pool = self._make_pool()
+            self._aio = AsyncReads(
+                self.dsn, self._connect_kwargs("aio"), self.options.pool_max_size, self.options.acquire_timeout,
+            )
             # After LISTEN (feed.start): a change committed from here on is
             # notified, one committed before is read now.
             rows = self._pooled(_read_auth)
@@ -418,9 +426,12 @@ class PgEngine(Admission, AuthAdmin):
     def _connect(self, role: str, autocommit: bool = True) -> psycopg.Connection:
         return psycopg.connect(self.dsn, **self._connect_kwargs(role, autocommit))
 
-    def _pooled(self, fn, *, read_only: bool = True):
+    def _pooled(self, fn, *, read_only: bool = True, single: bool = False):
         """``fn(cursor)`` in one transaction on a pooled connection:
-        REPEATABLE READ READ ONLY for reads, READ COMMITTED otherwise.
+        REPEATABLE READ READ ONLY for reads, READ COMMITTED otherwise;
+        ``single``: ``fn`` runs one statement, in autocommit (a statement
+        sees one snapshot by itself, so BEGIN and COMMIT would be two
+        round trips for nothing).
 
         ``fn`` must be safe to run twice: after a broken connection (a stale
         one is expected after a PostgreSQL restart) it runs once more on a
@@ -440,6 +451,7 @@ class PgEngine(Admission, AuthAdmin):
                 raise errors.StoppedError() from None
             broken = False
             try:
+                conn.autocommit = single
                 conn.isolation_level = IsolationLevel.REPEATABLE_READ if read_only else IsolationLevel.READ_COMMITTED
                 conn.read_only = read_only
                 with conn.cursor() as cur:
@@ -463,10 +475,41 @@ class PgEngine(Admission, AuthAdmin):
     # reads
 
     def range_request(self, req: pb.RangeRequest) -> pb.RangeResponse:
+        """A Range: one statement, one round trip (view.read_statement)."""
+        statement = self._range_statement(req)
+        rows = self._pooled(lambda cur: cur.execute(*statement, binary=True).fetchall(), single=True)
+        if self._range_needs_auth(rows):
+            self._refresh_auth()
+        return self._range_answer(req, rows)
+
+    async def range_async(self, req: pb.RangeRequest) -> pb.RangeResponse:
+        """:meth:`range_request` awaited on the caller's event loop, on an
+        async connection (aio.py): no thread hop per read."""
+        statement = self._range_statement(req)
+        if not self._aio.serves_this_loop():
+            return await asyncio.to_thread(self.range_request, req)
+        rows = await self._aio.fetchall(*statement)
+        if self._range_needs_auth(rows):
+            await asyncio.to_thread(self._refresh_auth)
+        return self._range_answer(req, rows)
+
+    def _range_statement(self, req: pb.RangeRequest):
         validate.check_range(req)
         self._check_open()
         self._check_corrupt()
-        return self._pooled(lambda cur: txnmod.execute_range(self._read_view(cur), req))
+        return read_statement(req.key, req.range_end, req.revision, txnmod.range_fetch_limit(req), req.count_only)
+
+    def _range_needs_auth(self, rows) -> bool:
+        """Whether the read saw a newer auth state than ours.  Loading it
+        (from a later snapshot: at least as new) before the read returns
+        makes the server withdraw a read it checked against the old one."""
+        return rows[0][2] > self._auth.generation
+
+    def _range_answer(self, req: pb.RangeRequest, rows) -> pb.RangeResponse:
+        current, compact, _, kvs, count = read_result(rows, req.count_only)
+        self._saw_compaction(compact)
+        txnmod.read_revision(current, req.revision, compact)
+        return txnmod.range_response(req, kvs, count, current)
 
     def txn_request(self, req: pb.TxnRequest) -> pb.TxnResponse:
         """A Txn: read-only ones are answered at once, others are written."""
@@ -1264,6 +1307,7 @@ class PgEngine(Admission, AuthAdmin):
         self._background.join()
         self._compactor.join()
         self._feed.stop()
+        self._aio.close()
         self._pool.close()
 
     def __enter__(self) -> "PgEngine":

@@ -31,6 +31,8 @@ class KVServicer(rpc_pb2_grpc.KVServicer):
         # An engine whose reads go over the network (PostgreSQL) must not
         # hold the event loop while they do.
         self._offload_reads = getattr(node.store, "reads_may_block", False)
+        # An engine with an async Range (PostgreSQL) is awaited on the loop instead.
+        self._range_async = getattr(node.store, "range_async", None)
 
     async def _read(self, fn, request, checked: int):
         if self._offload_reads:
@@ -44,6 +46,13 @@ class KVServicer(rpc_pb2_grpc.KVServicer):
 
     @rpc
     async def Range(self, request, context):
+        if self._range_async is not None:
+            checked = self._guard.range(context, request)
+            resp = await self._range_async(request)
+            if checked:
+                self._guard.settled(checked)
+            self._node.fill(resp.header)
+            return resp
         return await self._read(self._store.range_request, request, self._guard.range(context, request))
 
     @rpc
