@@ -925,6 +925,40 @@ def test_postgres_restart_under_load(own_postgres, open_pg, mode):
     assert current.count == 2 * len(by_rev)
 
 
+def test_async_reads_survive_a_restart_and_fail_cleanly_while_down(own_postgres, open_pg):
+    """The event loop's read connections go stale when PostgreSQL restarts:
+    the next read retries on a fresh one; while PostgreSQL is down a read
+    fails with UnavailableError and the loop is not left spinning."""
+    import asyncio
+
+    engine = open_pg(server=own_postgres)
+    engine.put("k", "v")
+    req = pb.RangeRequest(key=b"k")
+
+    async def scenario():
+        assert (await engine.range_async(req)).kvs[0].value == b"v"
+        await asyncio.gather(*(engine.range_async(req) for _ in range(20)))  # several connections
+        own_postgres.restart("fast")
+        assert (await engine.range_async(req)).kvs[0].value == b"v"
+        own_postgres.stop_server()
+        with pytest.raises(UnavailableError):
+            await engine.range_async(req)
+        loop = asyncio.get_running_loop()
+        busy = time.process_time()
+        await asyncio.sleep(0.3)
+        assert time.process_time() - busy < 0.2  # no reader callback spinning on a dead socket
+        own_postgres.start_server()
+        for _ in range(50):
+            try:
+                return await engine.range_async(req)
+            except UnavailableError:
+                await asyncio.sleep(0.1)
+        return None
+
+    resp = asyncio.run(scenario())
+    assert resp is not None and resp.kvs[0].value == b"v"
+
+
 # --- the server ----------------------------------------------------------------------------------
 
 def _serve(*args, timeout=20):

@@ -141,7 +141,7 @@ from mvcckv.pg.errors import ConnectError, SchemaError, UnavailableError
 from mvcckv.pg.feed import ChangeFeed, Changes, read_changes
 from mvcckv.pg.schema import channel, check_schema_name, migrate
 from mvcckv.pg.aio import AsyncReads
-from mvcckv.pg.view import ReadView, WriteView, range_at, read_result, read_statement
+from mvcckv.pg.view import READ_PARAM_TYPES, ReadView, WriteView, numbered, range_at, read_result, read_statement
 from mvcckv.revision import to_bytes
 from mvcckv.admission import DEFAULT_MAX_REQUEST_BYTES, DEFAULT_MAX_TXN_OPS, Admission
 from mvcckv.store import Store, StoreStatus
@@ -508,7 +508,7 @@ class PgEngine(Admission, AuthAdmin):
         statement = self._range_statement(req)
         if not self._aio.serves_this_loop():
             return await asyncio.to_thread(self.range_request, req)
-        rows = await self._aio.fetchall(*statement)
+        rows = await self._aio.fetchall(*numbered(*statement), READ_PARAM_TYPES)
         if self._range_needs_auth(rows):
             await asyncio.to_thread(self._refresh_auth)
         return self._range_answer(req, rows)

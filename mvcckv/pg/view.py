@@ -23,6 +23,8 @@ etcd's do (§5.4).
 
 from __future__ import annotations
 
+import struct
+
 from mvcckv.pb import kv_pb2
 from mvcckv.txn import read_revision
 
@@ -200,6 +202,25 @@ def read_statement(key: bytes, end: bytes, at_rev: int, limit: int, count_only: 
         need_total, rows = count_only or limit > 0, not count_only
     params = {"key": key, "end": end, "at": at_rev, "limit": limit if limit > 0 else None}
     return _READ[kind, need_total, rows], params
+
+
+# The read statements for libpq directly (aio.py): $n parameters, binary.
+READ_PARAM_TYPES = (17, 17, 20, 20)  # bytea, bytea, int8, int8
+_NUMBERED = {
+    statement: statement.replace("%(key)s", "$1").replace("%(end)s", "$2").replace(
+        "%(at)s", "$3").replace("%(limit)s", "$4")
+    for statement in _READ.values()
+}
+_INT8 = struct.Struct("!q")
+
+
+def numbered(statement: str, params: dict) -> tuple[str, list]:
+    """A :func:`read_statement` as ``$n`` SQL (parameter types
+    READ_PARAM_TYPES) and its parameters in binary."""
+    limit = params["limit"]
+    return _NUMBERED[statement], [
+        params["key"], params["end"], _INT8.pack(params["at"]), None if limit is None else _INT8.pack(limit),
+    ]
 
 
 def read_result(rows: list, count_only: bool) -> tuple[int, int, int, list[KeyValue], int]:
