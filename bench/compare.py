@@ -37,6 +37,10 @@ WAL bytes per update: PostgreSQL's ``pg_current_wal_lsn()`` delta, the
 growth of ``<data-dir>/wal`` (mvcckv LMDB) or of the used part of
 ``<data-dir>/member/wal`` (etcd preallocates its segments, so trailing
 zero bytes are not counted), divided by the puts of the measured runs.
+A second table divides mvcckv/PostgreSQL's put and get QPS by those of
+mvcckv/LMDB and of the article's SQL in the same run, against the goals
+the engine is held to (``GOALS``: at least 0.7x LMDB, 0.5x the article's
+SQL with one client).
 The last row is the CPU that other processes used on the server's core
 during the runs (``/proc/stat`` minus the server's own time): on a shared
 machine, QPS and latency of a row with a high share there are understated.
@@ -606,6 +610,40 @@ def format_table(results: list[EngineResult], levels: list[int]) -> str:
     return "\n".join(lines + ([""] + notes if notes else []))
 
 
+# Same-run QPS ratios the PostgreSQL engine is held to: (reference engine,
+# the least ratio, the concurrency levels it applies at; None: every level).
+GOALS = (("lmdb", 0.7, None), ("article", 0.5, (1,)))
+
+
+def format_goals(results: list[EngineResult], levels: list[int]) -> str:
+    """mvcckv/PostgreSQL's put and get QPS over each reference engine's in
+    the same run, each against its goal; empty without the engines."""
+    by_name = {r.name: r for r in results if not r.skipped}
+    pg = by_name.get("pg")
+    if pg is None:
+        return ""
+    lines = ["| mvcckv / PostgreSQL QPS over | goal | " + " | ".join(f"c={lv}" for lv in levels) + " |",
+             "|---|---|" + "---:|" * len(levels)]
+    for ref, least, at in GOALS:
+        other = by_name.get(ref)
+        if other is None:
+            continue
+        for workload in ("put", "get"):
+            cells = []
+            for lv in levels:
+                mine, theirs = pg.cells.get((workload, lv), Cell()).qps, other.cells.get((workload, lv), Cell()).qps
+                if math.isnan(mine) or math.isnan(theirs) or not theirs:
+                    cells.append("-")
+                    continue
+                ratio = mine / theirs
+                held = at is None or lv in at
+                mark = "" if not held else (" (met)" if ratio >= least else " (short)")
+                cells.append(f"{ratio:.2f}{mark}")
+            where = "" if at is None else " at c=" + ",".join(str(a) for a in at)
+            lines.append(f"| {TITLES[ref]}, {workload} | ≥ {least:g}{where} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def draw_chart(results: list[EngineResult], levels: list[int], path: str) -> str | None:
     """A PNG per engine: QPS, p99, watch latency and server CPU per operation
     (split into the gRPC server process and PostgreSQL); returns why not
@@ -797,7 +835,10 @@ def run(args) -> int:
             results[name] = res
 
     table = format_table([results[e] for e in engines], levels)
+    goals = format_goals([results[e] for e in engines], levels)
     print(table)
+    if goals:
+        print("\n" + goals)
     chart_note = None
     if args.chart:
         chart_note = draw_chart([results[e] for e in engines], levels, args.chart)
@@ -817,6 +858,8 @@ def run(args) -> int:
                 f.write(f"; watch: {args.watch_samples} put -> event samples per run, one at a time")
             f.write(".\n\n")
             f.write(table + "\n")
+            if goals:
+                f.write("\nSame-run ratios against the PostgreSQL engine's goals:\n\n" + goals + "\n")
             if args.chart and chart_note is None:
                 f.write(f"\nChart: `{args.chart}`\n")
             elif chart_note:
