@@ -446,6 +446,12 @@ class PgEngine(Admission, AuthAdmin):
     def _connect(self, role: str, autocommit: bool = True) -> psycopg.Connection:
         return psycopg.connect(self.dsn, **self._connect_kwargs(role, autocommit))
 
+    def _connect_writer(self) -> psycopg.Connection:
+        conn = self._connect("writer", autocommit=False)
+        # The writer delivers its own commits; the feed skips their notifications.
+        self._feed.writer_pid = conn.info.backend_pid
+        return conn
+
     def _pooled(self, fn, *, read_only: bool = True, single: bool = False):
         """``fn(cursor)`` in one transaction on a pooled connection:
         REPEATABLE READ READ ONLY for reads, READ COMMITTED otherwise;
@@ -649,7 +655,7 @@ class PgEngine(Admission, AuthAdmin):
             fresh = conn is None or conn.closed
             if fresh:
                 try:
-                    conn = self._connect("writer", autocommit=False)
+                    conn = self._connect_writer()
                 except psycopg.Error as e:
                     self._fail(batch, UnavailableError(_one_line(e)))
                     return None
@@ -692,7 +698,7 @@ class PgEngine(Admission, AuthAdmin):
         answered after the COMMIT, as in a batch of any other kind."""
         if conn is None or conn.closed:
             try:
-                conn = self._connect("writer", autocommit=False)
+                conn = self._connect_writer()
             except psycopg.Error as e:
                 self._fail(batch, UnavailableError(_one_line(e)))
                 return None
