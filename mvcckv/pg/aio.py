@@ -9,8 +9,9 @@ sends its prepared statement (binary parameters and results) and awaits a
 future that the socket's callback resolves once libpq holds the whole
 answer.  No thread hand-off each way (the server otherwise runs each
 PostgreSQL read in a worker thread), and none of the per-wait timer and
-reader registration of psycopg's own async connections, which cost 1.4x
-the CPU of this path per point read on this project's machine.
+reader registration of psycopg's own async connections: a point read cost
+135 us of CPU through those and 71 us through this (one reader awaiting
+3,000 reads in a row, PostgreSQL on the other core, this project's machine).
 
 psycopg still opens the connections (``AsyncConnection.connect``: its
 connect timeout and error messages) and decodes the results

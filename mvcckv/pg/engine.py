@@ -276,6 +276,9 @@ class PgOptions:
     """How often expired leases are looked for (and sizes refreshed)."""
     pool_min_size: int = 1
     pool_max_size: int = 8
+    """Most connections of each of the two read pools: the threads' (embedded
+    reads, read-only txns, leases, maintenance) and the event loop's
+    (served Ranges, aio.py), opened as needed."""
     connect_timeout: int = 5
     """Seconds to wait for a new connection (libpq; at least 2)."""
     acquire_timeout: float = 1.0
