@@ -386,9 +386,7 @@ class PgEngine(Admission, AuthAdmin):
             raise ConnectError(f"{where}: {_one_line(e)}") from None
         try:
             self._pool = self._make_pool()
-            self._aio = AsyncReads(
-                self.dsn, self._connect_kwargs("aio"), self.options.pool_max_size, self.options.acquire_timeout,
-            )
+            self._aio = AsyncReads(self.dsn, self._connect_kwargs("aio"), self.options.pool_max_size)
             # After LISTEN (feed.start): a change committed from here on is
             # notified, one committed before is read now.
             rows = self._pooled(_read_auth)
