@@ -136,11 +136,11 @@ from mvcckv.lease import DEFAULT_MIN_TTL, MAX_LEASE_TTL, lease_key
 from mvcckv.pb import kv_pb2, lease_pb2
 from mvcckv.pb import rpc_pb2 as pb
 from mvcckv.pg import compaction
+from mvcckv.pg.aio import AsyncReads
 from mvcckv.pg.errors import CONNECTION_ERRORS as _CONNECTION_ERRORS
 from mvcckv.pg.errors import ConnectError, SchemaError, UnavailableError
 from mvcckv.pg.feed import ChangeFeed, Changes, read_changes
 from mvcckv.pg.schema import channel, check_schema_name, migrate
-from mvcckv.pg.aio import AsyncReads
 from mvcckv.pg.view import READ_PARAM_TYPES, ReadView, WriteView, numbered, range_at, read_result, read_statement
 from mvcckv.revision import to_bytes
 from mvcckv.admission import DEFAULT_MAX_REQUEST_BYTES, DEFAULT_MAX_TXN_OPS, Admission
@@ -722,11 +722,14 @@ class PgEngine(Admission, AuthAdmin):
                 ).fetchone()
             except _CONNECTION_ERRORS as e:
                 if conn.broken:
-                    _close(conn)
-                    self._fail(batch, UnavailableError(f"the write may or may not have been applied: {_one_line(e)}"))
-                    return None
-                # The statement failed (e.g. the revision lock timed out): nothing was written.
-                self._fail(batch, UnavailableError(_one_line(e)))
+                    conn = _close(conn)
+                    error = UnavailableError(f"the write may or may not have been applied: {_one_line(e)}")
+                else:
+                    # The statement failed (e.g. the revision lock timed out): nothing was written.
+                    error = UnavailableError(_one_line(e))
+                self._fail([(None, None, fut) for fut, _ in puts], error)
+                for fut, _, err in refused:
+                    fail(fut, err)
                 return conn
             except BaseException:
                 _close(conn)
