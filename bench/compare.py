@@ -37,9 +37,14 @@ WAL bytes per update: PostgreSQL's ``pg_current_wal_lsn()`` delta, the
 growth of ``<data-dir>/wal`` (mvcckv LMDB) or of the used part of
 ``<data-dir>/member/wal`` (etcd preallocates its segments, so trailing
 zero bytes are not counted), divided by the puts of the measured runs.
+A second table divides mvcckv/PostgreSQL's put and get QPS by those of
+mvcckv/LMDB and of the article's SQL in the same run, against the goals
+the engine is held to (``GOALS``: at least 0.7x LMDB, 0.5x the article's
+SQL with one client).
 The last row is the CPU that other processes used on the server's core
 during the runs (``/proc/stat`` minus the server's own time): on a shared
-machine, QPS and latency of a row with a high share there are understated.
+machine, QPS and latency of a row with a high share there are understated
+(``--retry-noisy PCT`` repeats such a run, keeping the least disturbed).
 
 Servers are pinned to the first allowed core, load generators to the second.
 The throwaway PostgreSQL (``tests/pg_harness.py``) runs with fsync and full
@@ -120,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chart", default="compare.png", help="PNG path ('' for none; needs matplotlib)")
     p.add_argument("--markdown", help="also write the table and the command to this file")
     p.add_argument("--no-pin", action="store_true", help="do not set CPU affinities")
+    p.add_argument("--retry-noisy", type=float, metavar="PCT",
+                   help="repeat a put/get run (up to 3 times in all, keeping the least disturbed) when "
+                        "other processes used more than PCT%% of the server's core during it")
     return p
 
 
@@ -511,7 +519,8 @@ def measure_engine(name: str, gl, url_or_dsn: str, args, workdir: str, levels: l
                                 probe if measured else None, workload == "put")
             if args.warmup > 0:
                 once(args.warmup, False)
-            runs = [once(args.duration, True) for _ in range(args.runs)]
+            runs = [quietest(lambda: once(args.duration, True), args.retry_noisy, log)
+                    for _ in range(args.runs)]
             cell = merge_runs(runs)
             result.cells[workload, level] = cell
             cpu = "-" if cell.cpu_per_kop is None else f"{cell.cpu_per_kop:.3f}"
@@ -539,6 +548,24 @@ def measure_engine(name: str, gl, url_or_dsn: str, args, workdir: str, levels: l
         log(f"# {TITLES[name]:<22} watch put->event  p50 {cell.p50_ms:7.2f} ms  p99 {cell.p99_ms:7.2f} ms  "
             f"({cell.ops} samples)  others {_fmt(cell.noise_pct, 0)}% of srv core")
     return result
+
+
+RETRIES = 3
+
+
+def quietest(run, noisy_pct: float | None, log) -> Cell:
+    """``run()``, repeated (up to RETRIES times in all) while other processes
+    used more than ``noisy_pct`` % of the server's core during it; the run
+    they disturbed least."""
+    best = run()
+    for _ in range(RETRIES - 1):
+        if noisy_pct is None or best.noise_pct is None or best.noise_pct <= noisy_pct:
+            break
+        log(f"# others used {best.noise_pct:.0f}% of the server core; run again")
+        again = run()
+        if again.noise_pct is not None and again.noise_pct < best.noise_pct:
+            best = again
+    return best
 
 
 def argparse_copy(args, **changes):
@@ -604,6 +631,41 @@ def format_table(results: list[EngineResult], levels: list[int]) -> str:
     notes += [f"- {f}" for f in fails]
     notes += [f"- {TITLES[r.name]}: not measured: {r.skipped}" for r in results if r.skipped]
     return "\n".join(lines + ([""] + notes if notes else []))
+
+
+# Same-run QPS ratios the PostgreSQL engine is held to: (reference engine,
+# the least ratio, the concurrency levels it applies at; None: every level).
+GOALS = (("lmdb", 0.7, None), ("article", 0.5, (1,)))
+
+
+def format_goals(results: list[EngineResult], levels: list[int]) -> str:
+    """mvcckv/PostgreSQL's put and get QPS over each reference engine's in
+    the same run, each against its goal; empty without the engines."""
+    by_name = {r.name: r for r in results if not r.skipped}
+    pg = by_name.get("pg")
+    if pg is None:
+        return ""
+    lines = ["| mvcckv / PostgreSQL QPS over | goal | " + " | ".join(f"c={lv}" for lv in levels) + " |",
+             "|---|---|" + "---:|" * len(levels)]
+    for ref, least, at in GOALS:
+        other = by_name.get(ref)
+        if other is None:
+            continue
+        for workload in ("put", "get"):
+            cells = []
+            for lv in levels:
+                mine, theirs = pg.cells.get((workload, lv), Cell()).qps, other.cells.get((workload, lv), Cell()).qps
+                if math.isnan(mine) or math.isnan(theirs) or not theirs:
+                    cells.append("-")
+                    continue
+                ratio = mine / theirs
+                held = at is None or lv in at
+                mark = "" if not held else (" (met)" if ratio >= least else " (short)")
+                # Rounded down, so a ratio shown at the goal has met it.
+                cells.append(f"{math.floor(ratio * 100) / 100:.2f}{mark}")
+            where = "" if at is None else " at c=" + ",".join(str(a) for a in at)
+            lines.append(f"| {TITLES[ref]}, {workload} | ≥ {least:g}{where} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) if len(lines) > 2 else ""
 
 
 def draw_chart(results: list[EngineResult], levels: list[int], path: str) -> str | None:
@@ -797,7 +859,10 @@ def run(args) -> int:
             results[name] = res
 
     table = format_table([results[e] for e in engines], levels)
+    goals = format_goals([results[e] for e in engines], levels)
     print(table)
+    if goals:
+        print("\n" + goals)
     chart_note = None
     if args.chart:
         chart_note = draw_chart([results[e] for e in engines], levels, args.chart)
@@ -817,6 +882,8 @@ def run(args) -> int:
                 f.write(f"; watch: {args.watch_samples} put -> event samples per run, one at a time")
             f.write(".\n\n")
             f.write(table + "\n")
+            if goals:
+                f.write("\nSame-run ratios against the PostgreSQL engine's goals:\n\n" + goals + "\n")
             if args.chart and chart_note is None:
                 f.write(f"\nChart: `{args.chart}`\n")
             elif chart_note:

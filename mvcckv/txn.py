@@ -54,18 +54,28 @@ def read_revision(current: int, at_rev: int, first_rev: int) -> int:
 
 def execute_range(view, r: pb.RangeRequest) -> pb.RangeResponse:
     """etcd's range algorithm (§4.3): fetch, count, filter, sort, limit."""
-    limit = r.limit
-    filtered = (
-        r.min_mod_revision or r.max_mod_revision or r.min_create_revision or r.max_create_revision
-    )
-    if r.sort_order != _RR.NONE or filtered:
-        limit = 0  # sort and filter need every key; truncate afterwards
-    if limit > 0:
-        limit += 1  # one extra tells whether there is more
+    kvs, count, rev = view.range_keys(r.key, r.range_end, r.revision, range_fetch_limit(r), r.count_only)
+    return range_response(r, kvs, count, rev)
 
-    kvs, count, rev = view.range_keys(r.key, r.range_end, r.revision, limit, r.count_only)
 
-    if filtered:
+def _filtered(r: pb.RangeRequest) -> bool:
+    return bool(r.min_mod_revision or r.max_mod_revision or r.min_create_revision or r.max_create_revision)
+
+
+def range_fetch_limit(r: pb.RangeRequest) -> int:
+    """How many keys a Range fetches (0: all): the fetch half of
+    :func:`execute_range`, for an engine that fetches without a view."""
+    if r.sort_order != _RR.NONE or _filtered(r):
+        return 0  # sort and filter need every key; truncate afterwards
+    if r.limit > 0:
+        return r.limit + 1  # one extra tells whether there is more
+    return 0
+
+
+def range_response(r: pb.RangeRequest, kvs: list, count: int, rev: int) -> pb.RangeResponse:
+    """The answer half of :func:`execute_range`: ``kvs`` (in key order, up
+    to :func:`range_fetch_limit`) and ``count`` as fetched at ``rev``."""
+    if _filtered(r):
         if r.max_mod_revision:
             kvs = [kv for kv in kvs if kv.mod_revision <= r.max_mod_revision]
         if r.min_mod_revision:

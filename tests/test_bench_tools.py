@@ -388,6 +388,44 @@ def test_compare_table_has_watch_and_cpu_split_rows():
     assert "watch p50" not in bc.format_table(results, [1])
 
 
+def test_compare_goal_ratios():
+    bc = _compare()
+    qps = {"lmdb": (1000.0, 4000.0), "pg": (800.0, 2000.0), "article": (2000.0, 8000.0)}
+    results = [bc.EngineResult(name, {(w, lv): bc.Cell(qps=q * (2 if lv == 64 else 1), ops=10)
+                                      for w, q in zip(("put", "get"), pair) for lv in (1, 64)})
+               for name, pair in qps.items()]
+    rows = _table_rows(bc.format_goals(results, [1, 64]))
+    assert rows["mvcckv / LMDB, put"] == ["≥ 0.7", "0.80 (met)", "0.80 (met)"]
+    assert rows["mvcckv / LMDB, get"] == ["≥ 0.7", "0.50 (short)", "0.50 (short)"]
+    # The article's goal holds at c=1 only; other levels are shown unjudged.
+    assert rows["article SQL (pgbench), put"] == ["≥ 0.5 at c=1", "0.40 (short)", "0.40"]
+    assert rows["article SQL (pgbench), get"] == ["≥ 0.5 at c=1", "0.25 (short)", "0.25"]
+    # Rounded down: just short of a goal never shows as the goal.
+    results[1].cells["put", 1].qps = 699.9
+    assert _table_rows(bc.format_goals(results, [1]))["mvcckv / LMDB, put"] == ["≥ 0.7", "0.69 (short)"]
+    # Without the PostgreSQL engine, or without any reference, there is no table.
+    assert bc.format_goals(results[:1], [1]) == ""
+    assert bc.format_goals([results[1]], [1]) == ""
+
+
+def test_compare_repeats_a_disturbed_run():
+    bc = _compare()
+    noise = iter([80.0, 40.0, 60.0, 5.0])
+    runs = []
+
+    def run():
+        runs.append(bc.Cell(qps=len(runs), noise_pct=next(noise)))
+        return runs[-1]
+
+    # Three tries at most, the least disturbed kept.
+    assert bc.quietest(run, 20.0, lambda msg: None).noise_pct == 40.0 and len(runs) == 3
+    # Quiet enough at once, or no threshold: one run.
+    assert bc.quietest(lambda: bc.Cell(noise_pct=5.0), 20.0, print).noise_pct == 5.0
+    runs.clear()
+    noise = iter([80.0])
+    assert bc.quietest(run, None, print).noise_pct == 80.0 and len(runs) == 1
+
+
 def test_compare_chart(tmp_path):
     bc = _compare()
     results = [bc.EngineResult("pg", {("put", 1): bc.Cell(qps=10.0, p99_ms=1.0, ops=10, cpu_s=0.3,

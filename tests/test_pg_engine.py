@@ -541,6 +541,148 @@ def test_two_engines_share_one_revision_sequence(open_pg):
     assert a.hash_kv() == b.hash_kv()
 
 
+def _propose_together(engine, requests):
+    """Queue ``requests`` (kind, request) while the writer is held up, so
+    they are applied as one batch; their answers or errors, in order."""
+    gate = threading.Event()
+    held = engine._write_batch
+
+    def write_batch(conn, batch):
+        gate.wait(10)
+        return held(conn, batch)
+
+    engine._write_batch = write_batch
+    try:
+        blocker = engine.propose(mvcckv.kv.KIND_PUT, pb.PutRequest(key=b"blocker", value=b"x"))
+        futures = [engine.propose(kind, req) for kind, req in requests]
+        gate.set()
+        blocker.exception(10)
+    finally:
+        engine._write_batch = held
+    return [outcome(lambda f=f: f.result(10)) for f in futures]
+
+
+def test_a_batch_of_plain_puts_writes_what_single_puts_write(open_pg, tmp_path):
+    """Plain puts queued together go through put_many in one statement; a
+    batch with a leased put takes the per-request path.  Both must leave
+    the history, answers and HashKV that one put at a time leaves."""
+    batched, single = open_pg(), open_pg(schema=_schema())
+    lease = 7
+    for engine in (batched, single):
+        engine.lease_grant(100, lease)
+        engine.put("leased", "0", lease=lease)
+        engine.put("gone", "0")
+        engine.delete("gone")
+    put = mvcckv.kv.KIND_PUT
+    plain = [(put, pb.PutRequest(key=k, value=v)) for k, v in (
+        (b"a", b"1"), (b"a", b"2"), (b"leased", b"now unleased"), (b"gone", b"back"), (b"a", b""), (b"b", b"3"))]
+    mixed = [(put, pb.PutRequest(key=b"a", value=b"4")), (put, pb.PutRequest(key=b"c", value=b"5", lease=lease)),
+             (put, pb.PutRequest(key=b"a", value=b"6", prev_kv=True))]
+    one_call = []  # the batches put_many wrote
+    write_puts = batched._write_puts
+    batched._write_puts = lambda conn, batch: (one_call.append([r.key for _, r, _ in batch]), write_puts(conn, batch))[1]
+    got = _propose_together(batched, plain) + _propose_together(batched, mixed)
+    # (the blocker may have joined the batch ahead of them)
+    assert [r.key for _, r in plain] in [keys[-len(plain):] for keys in one_call]
+    assert not any(b"c" in keys for keys in one_call)
+    single.put("blocker", "x")
+    want = [outcome(lambda k=k, r=r: single.propose(k, r).result(10)) for k, r in plain]
+    single.put("blocker", "x")
+    want += [outcome(lambda k=k, r=r: single.propose(k, r).result(10)) for k, r in mixed]
+    assert got == want
+    assert [r.header.revision for r in (pb.PutResponse.FromString(o[2]) for o in got)] == list(range(6, 12)) + list(
+        range(13, 16))
+    assert batched.lease_ttl(lease, keys=True).keys == [b"c"]
+    assert batched.hash_kv() == single.hash_kv()
+    with batched.watch(*ALL, start_revision=2) as w:
+        seen = w.take(14, timeout=5)
+    assert [e for e in events(seen) if 6 <= e[2] <= 11] == [
+        (PUT, b"a", 6), (PUT, b"a", 7), (PUT, b"leased", 8), (PUT, b"gone", 9), (PUT, b"a", 10), (PUT, b"b", 11)]
+
+
+def test_plain_puts_under_nospace_fail_and_write_nothing(open_pg):
+    engine = open_pg()
+    engine.alarm(pb.AlarmRequest.ACTIVATE, pb.NOSPACE)
+    got = _propose_together(engine, [(mvcckv.kv.KIND_PUT, pb.PutRequest(key=b"k", value=b"v"))] * 2)
+    assert got == [("error", "NoSpaceError", str(errors.NoSpaceError()))] * 2
+    assert engine.range("\0", "\0", count_only=True).count == 0
+
+
+RANGES = [
+    pb.RangeRequest(key=b"a"),
+    pb.RangeRequest(key=b"a", revision=3),
+    pb.RangeRequest(key=b"a", revision=4),
+    pb.RangeRequest(key=b"zz"),
+    pb.RangeRequest(key=b"b", count_only=True),
+    pb.RangeRequest(key=b"a", range_end=b"c"),
+    pb.RangeRequest(key=b"a", range_end=b"c", limit=1),
+    pb.RangeRequest(key=b"a", range_end=b"c", limit=5),
+    pb.RangeRequest(key=b"\0", range_end=b"\0", count_only=True),
+    pb.RangeRequest(key=b"\0", range_end=b"\0", keys_only=True, sort_order=pb.RangeRequest.DESCEND),
+    pb.RangeRequest(key=b"\0", range_end=b"\0", limit=2, sort_target=pb.RangeRequest.MOD),
+    pb.RangeRequest(key=b"\0", range_end=b"\0", min_mod_revision=5, revision=6),
+    pb.RangeRequest(key=b"c", range_end=b"a"),  # an empty range: only the revision checks
+    pb.RangeRequest(key=b"c", range_end=b"a", revision=99),
+    pb.RangeRequest(key=b"a", revision=99),
+    pb.RangeRequest(key=b"a", revision=2),  # compacted
+    pb.RangeRequest(key=b""),
+]
+
+
+def test_one_statement_ranges_answer_as_the_lmdb_engine(open_pg, tmp_path):
+    """Each Range is one statement (sync, and awaited on an event loop):
+    byte-identical answers and errors to the LMDB engine's, the header at
+    the current revision, a compacted or future revision refused."""
+    import asyncio
+
+    lmdb = mvcckv.open(str(tmp_path / "data"), fsync=False)
+    engine = open_pg()
+    try:
+        for s in (lmdb, engine):
+            s.put("a", "1")
+            s.put("b", "2")
+            s.put("a", "3")
+            s.put("ab", "4")
+            s.delete("b")
+            s.put("b", "5")
+            s.compact(3)
+        want = [outcome(lambda r=r: lmdb.range_request(r)) for r in RANGES]
+        assert [outcome(lambda r=r: engine.range_request(r)) for r in RANGES] == want
+
+        async def ranges():
+            got = []
+            for r in RANGES:
+                try:
+                    resp = await engine.range_async(r)
+                except errors.MvccError as e:
+                    got.append(("error", type(e).__name__, str(e)))
+                else:
+                    got.append(("ok", type(resp).__name__, resp.SerializeToString(deterministic=True)))
+            # Concurrent reads share the few connections.
+            many = await asyncio.gather(*(engine.range_async(RANGES[0]) for _ in range(50)))
+            # Reads given up on while in flight leave the others' answers in place.
+            tasks = [asyncio.ensure_future(engine.range_async(r)) for r in RANGES[:8] * 4]
+            await asyncio.sleep(0)
+            for t in tasks[::3]:
+                t.cancel()
+            answers = await asyncio.gather(*tasks, return_exceptions=True)
+            for i, (r, answer) in enumerate(zip(RANGES[:8] * 4, answers)):
+                if i % 3:
+                    assert answer.SerializeToString(deterministic=True) == want[i % 8][2]
+                else:
+                    assert isinstance(answer, asyncio.CancelledError)
+            return got, {m.SerializeToString() for m in many}
+
+        got, many = asyncio.run(ranges())
+        assert got == want
+        assert many == {want[0][2]}
+        # A second event loop is not the one the connections belong to: its
+        # reads take the thread path, with the same answers.
+        assert asyncio.run(ranges())[0] == want
+    finally:
+        lmdb.close()
+
+
 def test_concurrent_txns_across_engines_are_serializable(open_pg):
     """Compare-and-swap increments from two engines: no lost update."""
     a, b = open_pg(), open_pg(schema=open_pg.schema)
@@ -792,6 +934,40 @@ def test_postgres_restart_under_load(own_postgres, open_pg, mode):
         assert len(keys) == 2 and keys[0][:-1] == keys[1][:-1]
     assert len(set(acked)) == len(acked) and set(acked) <= set(by_rev)
     assert current.count == 2 * len(by_rev)
+
+
+def test_async_reads_survive_a_restart_and_fail_cleanly_while_down(own_postgres, open_pg):
+    """The event loop's read connections go stale when PostgreSQL restarts:
+    the next read retries on a fresh one; while PostgreSQL is down a read
+    fails with UnavailableError and the loop is not left spinning."""
+    import asyncio
+
+    engine = open_pg(server=own_postgres)
+    engine.put("k", "v")
+    req = pb.RangeRequest(key=b"k")
+
+    async def scenario():
+        assert (await engine.range_async(req)).kvs[0].value == b"v"
+        await asyncio.gather(*(engine.range_async(req) for _ in range(20)))  # several connections
+        own_postgres.restart("fast")
+        assert (await engine.range_async(req)).kvs[0].value == b"v"
+        own_postgres.stop_server()
+        with pytest.raises(UnavailableError):
+            await engine.range_async(req)
+        loop = asyncio.get_running_loop()
+        busy = time.process_time()
+        await asyncio.sleep(0.3)
+        assert time.process_time() - busy < 0.2  # no reader callback spinning on a dead socket
+        own_postgres.start_server()
+        for _ in range(50):
+            try:
+                return await engine.range_async(req)
+            except UnavailableError:
+                await asyncio.sleep(0.1)
+        return None
+
+    resp = asyncio.run(scenario())
+    assert resp is not None and resp.kvs[0].value == b"v"
 
 
 # --- the server ----------------------------------------------------------------------------------

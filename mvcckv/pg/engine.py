@@ -10,6 +10,14 @@ Write path::
                                      hand the batch's changes to the change feed
                                      resolve the callers' futures
 
+A batch of nothing but plain puts (no lease, prev_kv or ignore_*: the
+common write) is instead one call of the ``put_many`` SQL function
+(schema.py), which does the same lock, rows and meta update in one
+statement; run in autocommit, the statement and its COMMIT are one round
+trip, against five (BEGIN, the lock, the put, the meta update, COMMIT).
+If the connection breaks during that call the puts fail as a COMMIT cut
+off does: they may or may not have been applied.
+
 The ``meta`` row lock makes every writer in every process sharing the
 schema take turns, so revisions are one dense sequence committed in order
 (schema.py explains why a sequence would not do).  A request is validated
@@ -18,8 +26,12 @@ refuse a bad request with the same error; the request-level rules (range
 options, compares, check-then-execute) are txn.py's, run over SQL views
 (view.py), so both engines answer alike.
 
-Reads run in a REPEATABLE READ READ ONLY transaction on a pooled
-connection: the revision and the rows come from one snapshot.  Watchers are
+A Range is one statement that reads the revision and the rows from its one
+snapshot (view.read_statement), in autocommit: one round trip.  The server
+awaits it on its event loop over an async connection (``range_async``,
+aio.py); the embedded API runs it on a pooled connection.  Other reads (a
+read-only Txn, lease and maintenance reads) run in a REPEATABLE READ READ
+ONLY transaction on a pooled connection.  Watchers are
 fed by the change feed (feed.py) from LISTEN/NOTIFY, so a write on any
 process reaches the watchers of every process.
 
@@ -72,6 +84,7 @@ elsewhere takes effect on B when B hears of it.
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import logging
 import queue
@@ -127,10 +140,12 @@ from mvcckv.lease import DEFAULT_MIN_TTL, MAX_LEASE_TTL, lease_key
 from mvcckv.pb import kv_pb2, lease_pb2
 from mvcckv.pb import rpc_pb2 as pb
 from mvcckv.pg import compaction
+from mvcckv.pg.aio import AsyncReads
+from mvcckv.pg.errors import CONNECTION_ERRORS as _CONNECTION_ERRORS
 from mvcckv.pg.errors import ConnectError, SchemaError, UnavailableError
 from mvcckv.pg.feed import ChangeFeed, Changes, read_changes
 from mvcckv.pg.schema import channel, check_schema_name, migrate
-from mvcckv.pg.view import ReadView, WriteView, range_at
+from mvcckv.pg.view import READ_PARAM_TYPES, ReadView, WriteView, numbered, range_at, read_result, read_statement
 from mvcckv.revision import to_bytes
 from mvcckv.admission import DEFAULT_MAX_REQUEST_BYTES, DEFAULT_MAX_TXN_OPS, Admission
 from mvcckv.store import Store, StoreStatus
@@ -141,8 +156,6 @@ _EXPIRE = -1  # internal writer item: revoke expired leases
 _WAKE = object()  # wakes the compactor thread to stop
 
 _MAX_BATCH = 256
-# A broken connection; anything else from psycopg is a bug or bad data.
-_CONNECTION_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError)
 
 _LOCK_META = """SELECT revision, compact_revision, finished_compact_revision,
     (SELECT coalesce(json_agg(json_build_array(member_id, alarm)), '[]') FROM alarm)
@@ -156,6 +169,18 @@ _AUTH_META = "SELECT enabled, revision, enabled_revision FROM auth_meta"
 # See schema.py: grows with every auth change, enable included.
 _AUTH_GENERATION = "SELECT 2 * revision + enabled::int FROM auth_meta"
 _READ_META = f"SELECT revision, compact_revision, ({_AUTH_GENERATION}) FROM meta"
+
+
+_PUT_MANY = "SELECT * FROM put_many(%s, %s)"
+
+
+def _is_plain_put(kind: int, req) -> bool:
+    """A Put that ``put_many`` can write: no lease, prev_kv or ignore_*,
+    not re-checked against auth at apply time."""
+    return (
+        kind > 0 and kind & ~AUTH_OFF_FLAG == KIND_PUT
+        and not (req.lease or req.prev_kv or req.ignore_value or req.ignore_lease)
+    )
 
 
 def _touches_auth(kind: int) -> bool:
@@ -255,6 +280,9 @@ class PgOptions:
     """How often expired leases are looked for (and sizes refreshed)."""
     pool_min_size: int = 1
     pool_max_size: int = 8
+    """Most connections of each of the two read pools: the threads' (embedded
+    reads, read-only txns, leases, maintenance) and the event loop's
+    (served Ranges, aio.py), opened as needed."""
     connect_timeout: int = 5
     """Seconds to wait for a new connection (libpq; at least 2)."""
     acquire_timeout: float = 1.0
@@ -362,6 +390,7 @@ class PgEngine(Admission, AuthAdmin):
             raise ConnectError(f"{where}: {_one_line(e)}") from None
         try:
             self._pool = self._make_pool()
+            self._aio = AsyncReads(self.dsn, self._connect_kwargs("aio"), self.options.pool_max_size)
             # After LISTEN (feed.start): a change committed from here on is
             # notified, one committed before is read now.
             rows = self._pooled(_read_auth)
@@ -422,9 +451,18 @@ class PgEngine(Admission, AuthAdmin):
     def _connect(self, role: str, autocommit: bool = True) -> psycopg.Connection:
         return psycopg.connect(self.dsn, **self._connect_kwargs(role, autocommit))
 
-    def _pooled(self, fn, *, read_only: bool = True):
+    def _connect_writer(self) -> psycopg.Connection:
+        conn = self._connect("writer", autocommit=False)
+        # The writer delivers its own commits; the feed skips their notifications.
+        self._feed.writer_pid = conn.info.backend_pid
+        return conn
+
+    def _pooled(self, fn, *, read_only: bool = True, single: bool = False):
         """``fn(cursor)`` in one transaction on a pooled connection:
-        REPEATABLE READ READ ONLY for reads, READ COMMITTED otherwise.
+        REPEATABLE READ READ ONLY for reads, READ COMMITTED otherwise;
+        ``single``: ``fn`` runs one statement, in autocommit (a statement
+        sees one snapshot by itself, so BEGIN and COMMIT would be two
+        round trips for nothing).
 
         ``fn`` must be safe to run twice: after a broken connection (a stale
         one is expected after a PostgreSQL restart) it runs once more on a
@@ -444,6 +482,7 @@ class PgEngine(Admission, AuthAdmin):
                 raise errors.StoppedError() from None
             broken = False
             try:
+                conn.autocommit = single
                 conn.isolation_level = IsolationLevel.REPEATABLE_READ if read_only else IsolationLevel.READ_COMMITTED
                 conn.read_only = read_only
                 with conn.cursor() as cur:
@@ -467,10 +506,41 @@ class PgEngine(Admission, AuthAdmin):
     # reads
 
     def range_request(self, req: pb.RangeRequest) -> pb.RangeResponse:
+        """A Range: one statement, one round trip (view.read_statement)."""
+        statement = self._range_statement(req)
+        rows = self._pooled(lambda cur: cur.execute(*statement, binary=True).fetchall(), single=True)
+        if self._range_needs_auth(rows):
+            self._refresh_auth()
+        return self._range_answer(req, rows)
+
+    async def range_async(self, req: pb.RangeRequest) -> pb.RangeResponse:
+        """:meth:`range_request` awaited on the caller's event loop, on an
+        async connection (aio.py): no thread hop per read."""
+        statement = self._range_statement(req)
+        if not self._aio.serves_this_loop():
+            return await asyncio.to_thread(self.range_request, req)
+        rows = await self._aio.fetchall(*numbered(*statement), READ_PARAM_TYPES)
+        if self._range_needs_auth(rows):
+            await asyncio.to_thread(self._refresh_auth)
+        return self._range_answer(req, rows)
+
+    def _range_statement(self, req: pb.RangeRequest):
         validate.check_range(req)
         self._check_open()
         self._check_corrupt()
-        return self._pooled(lambda cur: txnmod.execute_range(self._read_view(cur), req))
+        return read_statement(req.key, req.range_end, req.revision, txnmod.range_fetch_limit(req), req.count_only)
+
+    def _range_needs_auth(self, rows) -> bool:
+        """Whether the read saw a newer auth state than ours.  Loading it
+        (from a later snapshot: at least as new) before the read returns
+        makes the server withdraw a read it checked against the old one."""
+        return rows[0][2] > self._auth.generation
+
+    def _range_answer(self, req: pb.RangeRequest, rows) -> pb.RangeResponse:
+        current, compact, _, kvs, count = read_result(rows, req.count_only)
+        self._saw_compaction(compact)
+        txnmod.read_revision(current, req.revision, compact)
+        return txnmod.range_response(req, kvs, count, current)
 
     def txn_request(self, req: pb.TxnRequest) -> pb.TxnResponse:
         """A Txn: read-only ones are answered at once, others are written."""
@@ -584,15 +654,18 @@ class PgEngine(Admission, AuthAdmin):
 
     def _write_batch(self, conn: psycopg.Connection | None, batch) -> psycopg.Connection | None:
         """One transaction for ``batch``; returns the connection to reuse."""
+        if all(_is_plain_put(kind, req) for kind, req, _ in batch):
+            return self._write_puts(conn, batch)
         for attempt in range(2):
             fresh = conn is None or conn.closed
             if fresh:
                 try:
-                    conn = self._connect("writer", autocommit=False)
+                    conn = self._connect_writer()
                 except psycopg.Error as e:
                     self._fail(batch, UnavailableError(_one_line(e)))
                     return None
             try:
+                conn.autocommit = False
                 state = self._apply_batch(conn, batch)
             except _CONNECTION_ERRORS as e:
                 if not conn.broken and _rollback(conn):
@@ -623,6 +696,70 @@ class PgEngine(Admission, AuthAdmin):
             self._after_commit(state)
             return conn
         return None
+
+    def _write_puts(self, conn: psycopg.Connection | None, batch) -> psycopg.Connection | None:
+        """A batch of plain puts: one ``put_many`` call (schema.py) in
+        autocommit, so one round trip writes and commits them all; each is
+        answered after the COMMIT, as in a batch of any other kind."""
+        if conn is None or conn.closed:
+            try:
+                conn = self._connect_writer()
+            except psycopg.Error as e:
+                self._fail(batch, UnavailableError(_one_line(e)))
+                return None
+        refused: list = []
+        puts: list = []
+        for kind, req, fut in batch:
+            try:
+                if kind & AUTH_OFF_FLAG:
+                    self._auth.check_still_off()
+            except errors.MvccError as e:
+                refused.append((fut, None, e))
+            else:
+                puts.append((fut, req))
+        row = None
+        if puts:
+            try:
+                conn.autocommit = True
+                row = conn.execute(
+                    _PUT_MANY, ([req.key for _, req in puts], [req.value for _, req in puts]), prepare=True,
+                ).fetchone()
+            except _CONNECTION_ERRORS as e:
+                if conn.broken:
+                    conn = _close(conn)
+                    error = UnavailableError(f"the write may or may not have been applied: {_one_line(e)}")
+                else:
+                    # The statement failed (e.g. the revision lock timed out): nothing was written.
+                    error = UnavailableError(_one_line(e))
+                self._fail([(None, None, fut) for fut, _ in puts], error)
+                for fut, _, err in refused:
+                    fail(fut, err)
+                return conn
+            except BaseException:
+                _close(conn)
+                raise
+        if row is None:
+            state = _Batch(self.revision, self.revision, self._compact_rev, self._finished_compact_rev, self._alarms)
+        else:
+            begin, compact, alarms, create_revisions, versions = row
+            state = _Batch(begin, begin, compact, self._finished_compact_rev,
+                           {(_unsigned(m), a) for m, a in alarms})
+            for i, (fut, req) in enumerate(puts):
+                if create_revisions is None:
+                    state.results.append((fut, None, errors.NoSpaceError()))
+                    continue
+                rev = begin + 1 + i
+                state.changes.append((rev, [(False, kv_pb2.KeyValue(
+                    key=req.key, create_revision=create_revisions[i], mod_revision=rev,
+                    version=versions[i], value=req.value,
+                ))]))
+                resp = pb.PutResponse()
+                resp.header.revision = rev
+                state.results.append((fut, resp, None))
+                state.current = rev
+        state.results.extend(refused)
+        self._after_commit(state)
+        return conn
 
     def _apply_batch(self, conn: psycopg.Connection, batch) -> _Batch:
         try:
@@ -1272,6 +1409,7 @@ class PgEngine(Admission, AuthAdmin):
         self._background.join()
         self._compactor.join()
         self._feed.stop()
+        self._aio.close()
         self._pool.close()
 
     def __enter__(self) -> "PgEngine":

@@ -15,7 +15,12 @@ Two kinds, kept apart because a client must react differently:
 
 from __future__ import annotations
 
+import psycopg
+
 from mvcckv import errors
+
+# A broken connection; anything else from psycopg is a bug or bad data.
+CONNECTION_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError)
 
 
 class UnavailableError(errors.StoppedError):

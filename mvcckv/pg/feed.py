@@ -30,8 +30,12 @@ notification was lost is heard of within ``poll_interval`` as well.
 
 The local writer hands its own committed revisions to :meth:`deliver`
 before answering its callers, so a client never learns of a revision its
-watchers have not been given (etcd's progress guarantee); the listener's
-copy of them is then a duplicate and dropped.
+watchers have not been given (etcd's progress guarantee).  The listener's
+copy of them would be a duplicate: notifications sent by the writer's
+backend (``writer_pid``) are dropped unread.  Should the writer's commit
+be cut off (it does not know whether it committed, so it delivers
+nothing), its revisions are read from the table at the next delivery that
+finds them missing, or the next idle catch-up.
 """
 
 from __future__ import annotations
@@ -131,6 +135,8 @@ class ChangeFeed:
         self._thread: threading.Thread | None = None
         self._pending: dict[int, list[dict]] = {}
         self._next_poll = 0.0
+        # The backend PID of the local writer's connection (see above).
+        self.writer_pid: int | None = None
 
     # -- life cycle ------------------------------------------------------------
 
@@ -242,6 +248,8 @@ class ChangeFeed:
                 self.catch_up(conn)  # idle: make sure nothing was missed
             return
         for n in got:
+            if n.pid == self.writer_pid:
+                continue
             payload = json.loads(n.payload)
             if "end" in payload:
                 self._on_compact(payload["compact"])

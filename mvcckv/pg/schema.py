@@ -37,6 +37,11 @@ extended until etcd's semantics hold exactly:
             ``enabled_revision``, the auth revision auth was last turned on
             at, so another process can tell that auth went off and on again
             while it was not looking (etcd drops every token on a disable).
+``put_many(keys, values)`` a function writing a batch of plain puts (no
+            lease, prev_kv or ignore_*) under the revision lock, each its
+            own revision, by the rules of view.py's single put: one
+            statement, so in autocommit one round trip writes and commits
+            a whole batch.
 ``auth_user``, ``auth_role``  name -> encoded ``authpb.User`` /
             ``authpb.Role``, byte for byte what the LMDB engine stores.
             Written only by a transaction holding the ``meta`` row lock, so
@@ -68,7 +73,7 @@ from psycopg import sql
 
 from mvcckv.pg.errors import SchemaError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # Used in identifiers and in the server's search_path option, so kept to
 # characters that need no quoting anywhere; short enough for the channel.
@@ -180,6 +185,50 @@ _MIGRATIONS: dict[int, list[str]] = {
         """
         CREATE TRIGGER notify_auth_change AFTER UPDATE ON auth_meta FOR EACH ROW
             EXECUTE FUNCTION notify_auth_change('{channel}')""",
+    ],
+    3: [
+        # A batch of plain puts (no lease, prev_kv or ignore_*) in one
+        # statement, so that, run in autocommit, the batch costs one round
+        # trip, COMMIT included.  The same rows and rules as view.py's
+        # _PUT, one revision per put in order; under a NOSPACE alarm
+        # (AlarmType 1) nothing is written and create_revisions is NULL.
+        """
+        CREATE FUNCTION put_many(keys bytea[], vals bytea[],
+            OUT begin_revision bigint, OUT compact bigint, OUT alarms json,
+            OUT create_revisions bigint[], OUT versions bigint[])
+        LANGUAGE plpgsql AS $$
+        DECLARE
+            prev record;
+            rev bigint;
+        BEGIN
+            SELECT m.revision, m.compact_revision INTO begin_revision, compact FROM meta m FOR UPDATE;
+            SELECT coalesce(json_agg(json_build_array(a.member_id, a.alarm)), '[]') INTO alarms FROM alarm a;
+            IF EXISTS (SELECT 1 FROM alarm a WHERE a.alarm = 1) THEN
+                RETURN;
+            END IF;
+            create_revisions := ARRAY[]::bigint[];
+            versions := ARRAY[]::bigint[];
+            FOR i IN 1 .. coalesce(cardinality(keys), 0) LOOP
+                rev := begin_revision + i;
+                SELECT c.tombstone, c.create_revision, c.version, c.lease INTO prev FROM config c
+                    WHERE c.key = keys[i] ORDER BY c.revision DESC, c.sub DESC LIMIT 1;
+                IF FOUND AND NOT prev.tombstone THEN
+                    create_revisions[i] := prev.create_revision;
+                    versions[i] := prev.version + 1;
+                    IF prev.lease <> 0 THEN
+                        DELETE FROM key_lease kl WHERE kl.key = keys[i];
+                    END IF;
+                ELSE
+                    create_revisions[i] := rev;
+                    versions[i] := 1;
+                END IF;
+                INSERT INTO config (key, revision, sub, value, create_revision, version, lease)
+                    VALUES (keys[i], rev, 0, vals[i], create_revisions[i], versions[i], 0);
+            END LOOP;
+            IF cardinality(keys) > 0 THEN
+                UPDATE meta SET revision = begin_revision + cardinality(keys);
+            END IF;
+        END $$""",
     ],
 }
 

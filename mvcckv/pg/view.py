@@ -23,6 +23,8 @@ etcd's do (§5.4).
 
 from __future__ import annotations
 
+import struct
+
 from mvcckv.pb import kv_pb2
 from mvcckv.txn import read_revision
 
@@ -37,20 +39,26 @@ _WHERE = {
     "interval": "key >= %(key)s AND key < %(end)s",
 }
 
-_NEWEST = """
+
+
+def _newest(where: str, rev: str) -> str:
+    return f"""
     SELECT DISTINCT ON (key) key, revision, tombstone, create_revision, version, value, lease
-    FROM config WHERE {where} AND revision <= %(rev)s
+    FROM config WHERE {where} AND revision <= {rev}
     ORDER BY key, revision DESC, sub DESC"""
 
-_ROWS = {
-    kind: f"""SELECT key, revision, create_revision, version, value, lease
-    FROM ({_NEWEST.format(where=where)}) v WHERE NOT tombstone ORDER BY key LIMIT %(limit)s"""
-    for kind, where in _WHERE.items()
-}
-_COUNT = {
-    kind: f"SELECT count(*) FROM ({_NEWEST.format(where=where)}) v WHERE NOT tombstone"
-    for kind, where in _WHERE.items()
-}
+
+def _rows(where: str, rev: str) -> str:
+    return f"""SELECT key, revision, create_revision, version, value, lease
+    FROM ({_newest(where, rev)}) v WHERE NOT tombstone ORDER BY key LIMIT %(limit)s"""
+
+
+def _count(where: str, rev: str) -> str:
+    return f"SELECT count(*) FROM ({_newest(where, rev)}) v WHERE NOT tombstone"
+
+
+_ROWS = {kind: _rows(where, "%(rev)s") for kind, where in _WHERE.items()}
+_COUNT = {kind: _count(where, "%(rev)s") for kind, where in _WHERE.items()}
 _GET = """SELECT key, revision, create_revision, version, value, lease, tombstone
     FROM config WHERE key = %(key)s AND revision <= %(rev)s
     ORDER BY revision DESC, sub DESC LIMIT 1"""
@@ -133,6 +141,95 @@ def range_at(cur, key: bytes, end: bytes, rev: int, limit: int, count_only: bool
         # The page is full: only a count query knows how many there are.
         return kvs, cur.execute(_COUNT[kind], params).fetchone()[0]
     return kvs, len(kvs)
+
+
+# -- a Range in one statement ---------------------------------------------------
+#
+# A Range needs the meta row (current revision, compaction, auth generation)
+# and the rows at the revision it asks for, from one snapshot.  One
+# statement sees one snapshot, so it needs no transaction: run in
+# autocommit it is a single round trip, no BEGIN and no COMMIT.  The
+# revision asked for is resolved in SQL (``at`` <= 0: the current one); one
+# above the current revision or below the compaction is refused afterwards
+# by read_revision, from the same statement's meta (its rows are dropped).
+#
+# Columns: revision, compact_revision, auth generation, total (count of the
+# whole range, NULL when the rows give it), then a row's key, revision,
+# create_revision, version, value, lease, tombstone (key NULL: no row).
+_AT = "(CASE WHEN %(at)s::bigint > 0 THEN %(at)s::bigint ELSE m.revision END)"
+_TOTAL_AND_ROWS = {
+    # (need the total, fetch rows)
+    "point": (False, f"""SELECT key, revision, create_revision, version, value, lease, tombstone FROM config
+        WHERE key = %(key)s AND revision <= {_AT} ORDER BY revision DESC, sub DESC LIMIT 1"""),
+    **{kind: (True, f"SELECT *, false FROM ({_rows(where, _AT)}) r") for kind, where in _WHERE.items()
+       if kind != "point"},
+}
+
+
+def _read_sql(kind: str | None, total: bool, rows: bool) -> str:
+    if kind is None:  # an empty range: the meta alone
+        count = "0::bigint"
+    else:
+        count = f"({_count(_WHERE[kind], _AT)})" if total else "NULL::bigint"
+    # OFFSET 0 keeps the one-row meta subquery from being pulled up into
+    # the join, which would evaluate the count once per row.
+    meta = f"""SELECT revision, compact_revision, (SELECT 2 * revision + enabled::int FROM auth_meta) AS auth,
+        {count} AS total FROM meta m OFFSET 0"""
+    if not rows:
+        return f"SELECT *, NULL, NULL, NULL, NULL, NULL, NULL, NULL FROM ({meta}) m"
+    return f"SELECT * FROM ({meta}) m LEFT JOIN LATERAL ({_TOTAL_AND_ROWS[kind][1]}) r ON true"
+
+
+_READ = {
+    (kind, total, rows): _read_sql(kind, total, rows)
+    for kind in _WHERE for total in (False, True) for rows in (False, True)
+    if (total or rows) and not (kind == "point" and total)
+}
+_READ[None, True, False] = _read_sql(None, True, False)
+
+
+def read_statement(key: bytes, end: bytes, at_rev: int, limit: int, count_only: bool) -> tuple[str, dict]:
+    """The one statement answering ``range_keys(key, end, at_rev, limit,
+    count_only)`` with the meta it needs (parse with :func:`read_result`)."""
+    kind = range_kind(key, end)
+    if kind is None:
+        need_total, rows = True, False
+    elif kind == "point":
+        need_total, rows = False, True
+    else:
+        # Without a limit the rows give the count; with one a full page
+        # does not, so the count comes along (an empty range costs little).
+        need_total, rows = count_only or limit > 0, not count_only
+    params = {"key": key, "end": end, "at": at_rev, "limit": limit if limit > 0 else None}
+    return _READ[kind, need_total, rows], params
+
+
+# The read statements for libpq directly (aio.py): $n parameters, binary.
+READ_PARAM_TYPES = (17, 17, 20, 20)  # bytea, bytea, int8, int8
+_NUMBERED = {
+    statement: statement.replace("%(key)s", "$1").replace("%(end)s", "$2").replace(
+        "%(at)s", "$3").replace("%(limit)s", "$4")
+    for statement in _READ.values()
+}
+_INT8 = struct.Struct("!q")
+
+
+def numbered(statement: str, params: dict) -> tuple[str, list]:
+    """A :func:`read_statement` as ``$n`` SQL (parameter types
+    READ_PARAM_TYPES) and its parameters in binary."""
+    limit = params["limit"]
+    return _NUMBERED[statement], [
+        params["key"], params["end"], _INT8.pack(params["at"]), None if limit is None else _INT8.pack(limit),
+    ]
+
+
+def read_result(rows: list, count_only: bool) -> tuple[int, int, int, list[KeyValue], int]:
+    """(current revision, compact revision, auth generation, kvs, count)
+    from the rows of a :func:`read_statement`."""
+    current, compact, auth, total = rows[0][:4]
+    found = [r[4:] for r in rows if r[4] is not None and not r[10]]
+    kvs = [] if count_only else [to_kv(r) for r in found]
+    return current, compact, auth, kvs, len(found) if total is None else total
 
 
 def lease_exists(cur, lease_id: int) -> bool:

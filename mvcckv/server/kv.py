@@ -42,6 +42,8 @@ class KVServicer(rpc_pb2_grpc.KVServicer):
         # hold the event loop while they do.
         self._offload_reads = getattr(node.store, "reads_may_block", False)
         self._range_raw = None if self._offload_reads else getattr(node.store, "range_raw", None)
+        # An engine with an async Range (PostgreSQL) is awaited on the loop instead.
+        self._range_async = getattr(node.store, "range_async", None)
 
     def raw_handlers(self) -> dict[str, grpc.RpcMethodHandler]:
         """Range and Put as raw-bytes handlers, registered over the
@@ -62,6 +64,12 @@ class KVServicer(rpc_pb2_grpc.KVServicer):
                 if checked:
                     self._guard.settled(checked)
                 return wire.range_response(self._node.header_bytes(revision), kvs, more, count)
+        if self._range_async is not None:
+            resp = await self._range_async(request)
+            if checked:
+                self._guard.settled(checked)
+            self._node.fill(resp.header)
+            return resp.SerializeToString()
         resp = await self._read(self._store.range_request, request, checked)
         return resp.SerializeToString()
 
