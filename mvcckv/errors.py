@@ -221,3 +221,7 @@ class WALCorruptError(StorageError):
 
 class SnapshotError(StorageError):
     """A snapshot file is corrupt, truncated or not a snapshot."""
+
+
+class BackendCorruptError(StorageError):
+    """The backend file (LMDB) is damaged: refused before it is mapped."""

@@ -21,6 +21,8 @@ and reads their values from LMDB, both at the published revision.
 
 Locks, always taken in this order:
 
+* ``_checkpoint_lock`` — one checkpoint at a time, none during a defrag
+  (its fsync runs outside the locks below).
 * ``_wlock``    — the one LMDB writer: the writer thread's apply, the
   compactor's delete batches, defrag.
 * ``_swap_lock`` — keeps the LMDB environment from being swapped (defrag)
@@ -296,6 +298,7 @@ class Store(Admission, AuthAdmin):
         self.path = os.path.abspath(path)
         self.options = options or Options()
         os.makedirs(self.path, exist_ok=True)
+        self._checkpoint_lock = threading.Lock()
         self._wlock = threading.Lock()
         self._swap_lock = threading.Lock()
         self._lock = threading.Lock()
@@ -710,10 +713,16 @@ class Store(Admission, AuthAdmin):
             self.checkpoint()
 
     def checkpoint(self) -> None:
-        """Make the backend durable so the WAL it covers can be released."""
-        with self._swap_lock:
-            applied = self._applied_index
-            self._backend.checkpoint()
+        """Make the backend durable so the WAL it covers can be released.
+
+        Writers are held out only while the committed state is pinned; the
+        fsync runs while they go on, and no reader ever waits for it.
+        """
+        with self._checkpoint_lock:
+            with self._wlock:
+                applied = self._applied_index
+                token = self._backend.begin_checkpoint()
+            self._backend.finish_checkpoint(token)
             self._durable_index = max(self._durable_index, applied)
             self._last_checkpoint = time.monotonic()
 
@@ -1198,7 +1207,7 @@ class Store(Admission, AuthAdmin):
         Reads are served throughout; writes wait until the swap is done.
         """
         self._check_open()
-        with self._wlock:
+        with self._checkpoint_lock, self._wlock:
             return self._backend.defrag(_Both(self._swap_lock, self._lock))
 
     def snapshot(self, fd: int) -> None:
