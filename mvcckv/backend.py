@@ -179,10 +179,12 @@ class Backend:
         """Both halves of a checkpoint at once; call with writers held out."""
         self.finish_checkpoint(self.begin_checkpoint())
 
-    def close(self) -> None:
-        """Checkpoint and close; call with writers held out."""
+    def close(self, *, checkpoint: bool = True) -> None:
+        """Checkpoint (unless told not to, after a failure) and close; call
+        with writers held out."""
         try:
-            self.checkpoint()
+            if checkpoint:
+                self.checkpoint()
         finally:
             self._unpin()
             self.env.close()

@@ -219,6 +219,10 @@ class WALCorruptError(StorageError):
     """A WAL record in the middle of the log failed its checks."""
 
 
+class WALNoSpaceError(StorageError):
+    """Appending to the WAL failed for want of space; the log is unchanged."""
+
+
 class SnapshotError(StorageError):
     """A snapshot file is corrupt, truncated or not a snapshot."""
 

@@ -136,6 +136,8 @@ _DECODERS.update({kind | AUTH_OFF_FLAG: cls.FromString for kind, cls in _REQUEST
 
 
 _MAX_BATCH = 512
+# What a NOSPACE alarm refuses (etcd's capped applier): writes that take space.
+_SPACE_TAKING = frozenset((KIND_PUT, KIND_TXN, KIND_LEASE_GRANT))
 _WORK = 0  # queue item kind: a callable run on the writer thread
 
 
@@ -310,6 +312,8 @@ class Store(Admission, AuthAdmin):
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._jobs: queue.Queue = queue.Queue()
         self._alarms: set[tuple[int, int]] = set()
+        # A NOSPACE alarm raised by a full WAL (in memory only, see _log_batch).
+        self._wal_full = False
         self._backend = Backend(os.path.join(self.path, "db"), quota_bytes=self.options.quota_bytes)
         self._index = TreeIndex()
         self._lessor = Lessor(min_ttl=self.options.min_lease_ttl)
@@ -441,6 +445,13 @@ class Store(Admission, AuthAdmin):
         ``AuthStore.prepare`` (no plain-text password is ever logged).
         """
         self._check_open()
+        if self._wal_full and kind in _SPACE_TAKING:
+            # The alarm raised by a full WAL is not logged (it could not
+            # be), so what it refuses must not be logged either, or replay
+            # without the alarm would apply it.
+            refused: Future = Future()
+            fail(refused, errors.NoSpaceError())
+            return refused
         refused = self._admit(kind, req)
         if refused is not None:
             return refused
@@ -491,14 +502,39 @@ class Store(Admission, AuthAdmin):
             if item is not None:
                 fail(item[3], errors.StoppedError())
 
-    def _write_batch(self, batch) -> None:
+    def _log_batch(self, batch) -> list:
+        """Append the batch's requests to the WAL and make them durable with
+        one fsync; returns ``(index, kind, request, future)`` for each.
+
+        A full disk refuses the whole batch (the WAL is cut back to its last
+        synced record, so none of it can come back on replay) and raises the
+        NOSPACE alarm in memory: puts, txns and lease grants are refused
+        before they are logged from then on, reads go on, and disarming the
+        alarm once there is space again (a logged request like any other)
+        resumes writes.  The alarm cannot be logged while the log itself is
+        full, so it does not survive a restart; the next full disk raises
+        it again.
+        """
         logged = []
-        for kind, data, req, fut in batch:
-            if kind == _WORK:
-                continue
-            logged.append((self._wal.append(kind, data), kind, req, fut))
-        if logged:
-            self._wal.sync()
+        try:
+            for kind, data, req, fut in batch:
+                if kind != _WORK:
+                    logged.append((self._wal.append(kind, data), kind, req, fut))
+            if logged:
+                self._wal.sync()
+        except errors.WALNoSpaceError as e:
+            log.error("%s; raising the NOSPACE alarm", e)
+            with self._lock:
+                self._alarms.add((self.options.member_id, pb.NOSPACE))
+                self._wal_full = True
+            for kind, _, _, fut in batch:
+                if kind != _WORK and fut is not None and not fut.done():
+                    fail(fut, errors.NoSpaceError())
+            return []
+        return logged
+
+    def _write_batch(self, batch) -> None:
+        logged = self._log_batch(batch)
         results = []
         changes = []
         if logged:
@@ -722,7 +758,19 @@ class Store(Admission, AuthAdmin):
             with self._wlock:
                 applied = self._applied_index
                 token = self._backend.begin_checkpoint()
-            self._backend.finish_checkpoint(token)
+            try:
+                self._backend.finish_checkpoint(token)
+            except BaseException as e:
+                # A failed fsync cannot be retried (the kernel may have
+                # dropped the pages it could not write, and a later fsync
+                # would succeed without them), and releasing the WAL on a
+                # later checkpoint would then lose writes: stop, as etcd
+                # stops when its backend cannot commit.  The WAL still
+                # holds every write since the last good checkpoint.
+                if self._fatal is None:
+                    log.error("backend checkpoint failed (%s); the store stops accepting writes", e)
+                    self._fatal = e
+                raise
             self._durable_index = max(self._durable_index, applied)
             self._last_checkpoint = time.monotonic()
 
@@ -747,6 +795,8 @@ class Store(Admission, AuthAdmin):
                 txn.put(m.SerializeToString(), b"", db=db)
                 resp.alarms.append(m)
         elif req.action == pb.AlarmRequest.DEACTIVATE:
+            if req.alarm == pb.NOSPACE:
+                self._wal_full = False
             if (req.memberID, req.alarm) in self._alarms:
                 m = pb.AlarmMember(memberID=req.memberID, alarm=req.alarm)
                 self._alarms.discard((req.memberID, req.alarm))
@@ -1251,13 +1301,17 @@ class Store(Admission, AuthAdmin):
         self._jobs.put(None)
         self._background.join()
         self._drain_failed()
+        # After a failure nothing more is synced or released: what is on
+        # disk is what a restart recovers from.
+        healthy = self._fatal is None
         try:
-            self.checkpoint()
-            if self._durable_index > self._released_index:
-                self._wal.release(self._durable_index)
+            if healthy:
+                self.checkpoint()
+                if self._durable_index > self._released_index:
+                    self._wal.release(self._durable_index)
         finally:
             self._wal.close()
-            self._backend.close()
+            self._backend.close(checkpoint=healthy)
 
     def __enter__(self) -> "Store":
         return self

@@ -87,6 +87,7 @@ raises when a record after ``after`` is missing.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import logging
 import os
@@ -98,7 +99,7 @@ from dataclasses import dataclass
 import crc32c as _crc32c_mod
 import msgpack
 
-from mvcckv.errors import StorageError, WALCorruptError
+from mvcckv.errors import StorageError, WALCorruptError, WALNoSpaceError
 
 __all__ = ["WAL", "HEADER_BYTES", "MAX_PAYLOAD_BYTES", "SEGMENT_SUFFIX"]
 
@@ -285,6 +286,9 @@ class WAL:
         self._last_index = 0
         self._buf = bytearray()
         self._unsynced = False  # bytes written to _fd since the last fdatasync
+        # (size, last index) of the active segment at its last sync (or its
+        # creation): what an append refused for want of space goes back to.
+        self._synced = (0, 0)
         self._unusable: str | None = None  # why appends are refused, once closed or failed
         self._pack = msgpack.Packer(use_bin_type=True).pack
 
@@ -392,6 +396,7 @@ class WAL:
             active = self._segments[-1]
             self._fd = os.open(active.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
             self._last_index = active.last
+            self._synced = (active.size, active.last)
             if cut is not None:
                 seg, size = cut
                 logger.warning(
@@ -414,6 +419,7 @@ class WAL:
             os.close(self._fd)
         self._fd = fd
         self._segments.append(_Segment(path, first, first - 1, 0))
+        self._synced = (0, first - 1)
 
     # --- writing ---------------------------------------------------------
 
@@ -465,10 +471,17 @@ class WAL:
         if self._unsynced and self._fsync:
             _fdatasync(self._fd)
         self._unsynced = False
+        seg = self._segments[-1]
+        self._synced = (seg.size, seg.last)
         # Rotating only here, after the fdatasync, is what keeps every
         # non-last segment complete on disk.
-        if self._segments[-1].size >= self._segment_bytes:
-            self._create_segment(self._last_index + 1)
+        if seg.size >= self._segment_bytes:
+            try:
+                self._create_segment(self._last_index + 1)
+            except OSError as e:
+                # The records are durable; only the new file failed (a full
+                # disk).  Keep appending here and rotate at a later sync.
+                logger.warning("%s: cannot start the next segment (%s); continuing in this one", seg.path, e)
 
     def _write_buffer(self) -> None:
         _write_all(self._fd, self._buf)
@@ -482,8 +495,33 @@ class WAL:
         try:
             step()
         except OSError as e:
+            if e.errno == errno.ENOSPC and self._forget_unsynced():
+                raise WALNoSpaceError(
+                    f"WAL in {self._dirpath}: no space left on device; the records appended since "
+                    "the last sync were dropped"
+                ) from e
             self._unusable = f"WAL in {self._dirpath} failed ({e}); reopen it to recover"
             raise StorageError(self._unusable) from e
+
+    def _forget_unsynced(self) -> bool:
+        """Cut the active segment back to its last synced record, so that a
+        batch refused for want of space leaves nothing behind; False when
+        that is impossible (the log is then unusable).
+
+        Only writes are undone this way: an fsync that failed leaves the
+        page cache in a state nobody can know, so it is never retried.
+        """
+        size, last = self._synced
+        seg = self._segments[-1]
+        try:
+            os.ftruncate(self._fd, size)
+        except OSError:
+            return False
+        seg.size, seg.last = size, last
+        self._last_index = last
+        self._buf.clear()
+        self._unsynced = False
+        return True
 
     # --- reading ---------------------------------------------------------
 

@@ -557,7 +557,9 @@ def test_reopen_mid_compaction_keeps_compact_revision(tmp_path):
     """
     script = (
         "import os, sys, time, mvcckv\n"
-        "s = mvcckv.open(sys.argv[1], compaction_batch_limit=10, compaction_sleep=0.05)\n"
+        # Checkpoints after every delete batch: a reopen rolls the backend
+        # back to its last checkpoint, which must be mid-compaction here.
+        "s = mvcckv.open(sys.argv[1], compaction_batch_limit=10, compaction_sleep=0.05, checkpoint_interval=0.01)\n"
         "for i in range(2000):\n"
         "    s.put(b'k%d' % (i % 50), b'v%d' % i)\n"
         "s.compact(1500)\n"
