@@ -56,6 +56,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 import crc32c
+import lmdb
+from google.protobuf.message import DecodeError
 
 from mvcckv import errors, txn as txnmod, validate
 from mvcckv.txn import read_revision
@@ -135,6 +137,7 @@ _DECODERS.update({kind | AUTHORIZED_FLAG: _authorized_decoder(cls.FromString) fo
 _DECODERS.update({kind | AUTH_OFF_FLAG: cls.FromString for kind, cls in _REQUEST_TYPES.items()})
 
 
+_REPAIR_HINT = "`mvcckv repair --data-dir {0}` rebuilds it from the WAL (or from a snapshot plus the WAL)"
 _MAX_BATCH = 512
 # What a NOSPACE alarm refuses (etcd's capped applier): writes that take space.
 _SPACE_TAKING = frozenset((KIND_PUT, KIND_TXN, KIND_LEASE_GRANT))
@@ -314,7 +317,10 @@ class Store(Admission, AuthAdmin):
         self._alarms: set[tuple[int, int]] = set()
         # A NOSPACE alarm raised by a full WAL (in memory only, see _log_batch).
         self._wal_full = False
-        self._backend = Backend(os.path.join(self.path, "db"), quota_bytes=self.options.quota_bytes)
+        try:
+            self._backend = Backend(os.path.join(self.path, "db"), quota_bytes=self.options.quota_bytes)
+        except (lmdb.Error, errors.BackendCorruptError) as e:
+            raise errors.BackendCorruptError(f"{e}; {_REPAIR_HINT.format(self.path)}") from e
         self._index = TreeIndex()
         self._lessor = Lessor(min_ttl=self.options.min_lease_ttl)
         self._listeners: list[Callable[[list], None]] = []
@@ -333,7 +339,16 @@ class Store(Admission, AuthAdmin):
         self._released_index = 0
         self._last_checkpoint = 0.0
         self._auth = AuthStore(bcrypt_cost=self.options.bcrypt_cost, kv_revision=lambda: self._current)
-        self._restore()
+        try:
+            self._restore()
+        except (lmdb.Error, struct.error, ValueError, DecodeError) as e:
+            # Damage inside the tree (the meta pages were checked before
+            # LMDB mapped the file): a page of the wrong type, a value that
+            # does not parse.
+            self._backend.close(checkpoint=False)
+            raise errors.BackendCorruptError(
+                f"backend {self._backend.data_file} is damaged ({e!r}); {_REPAIR_HINT.format(self.path)}"
+            ) from e
         self._db_size = self._backend.size()
         self._wal = WAL.open(
             os.path.join(self.path, "wal"),
