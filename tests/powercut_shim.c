@@ -32,6 +32,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
 #include <sys/sendfile.h>
 #include <sys/stat.h>
 #include <sys/types.h>
@@ -181,13 +182,13 @@ static void mkdirs_for(char *path)
 /* Copy the current content of fd's file to the shadow tree. */
 static int make_durable(int fd, const char *rel)
 {
-	char dst[PATH_MAX * 2], tmp[PATH_MAX * 2 + 16], abs[PATH_MAX * 2];
+	char dst[PATH_MAX * 2], tmp[PATH_MAX * 2 + 64], abs[PATH_MAX * 2];
 	struct stat st;
 	if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode))
 		return 0;
 	snprintf(abs, sizeof abs, "%s/%s", root, rel);
 	snprintf(dst, sizeof dst, "%s/%s", shadow, rel);
-	snprintf(tmp, sizeof tmp, "%s.pcut-tmp", dst);
+	snprintf(tmp, sizeof tmp, "%s.pcut-%d-%ld", dst, (int)getpid(), (long)gettid());
 	mkdirs_for(dst);
 	int in = open(abs, O_RDONLY | O_CLOEXEC);
 	if (in < 0)
@@ -222,9 +223,18 @@ static int synced(int fd, int (*real)(int))
 		return real(fd);
 	int saved = errno;
 	pthread_mutex_lock(&mu);
+	/* Several processes (PostgreSQL's) may sync one file at once: a copy
+	 * begun earlier must not be renamed over a newer one. */
+	char lockpath[PATH_MAX + 16];
+	snprintf(lockpath, sizeof lockpath, "%s/.pcut-lock", shadow);
+	int lk = open(lockpath, O_RDWR | O_CREAT | O_CLOEXEC, 0666);
+	if (lk >= 0)
+		flock(lk, LOCK_EX);
 	int rc = make_durable(fd, rel);
 	if (rc == 0)
 		note("S %s\n", rel);
+	if (lk >= 0)
+		close(lk);
 	pthread_mutex_unlock(&mu);
 	if (rc != 0)
 		return -1;
