@@ -84,7 +84,7 @@ def _power_loop(tmp_path: Path, cuts: int, budget: float, modes=("torn", "torn",
 
 
 def test_power_cut_loses_no_acknowledged_write(tmp_path):
-    _power_loop(tmp_path, cuts=14, budget=50.0)
+    _power_loop(tmp_path, cuts=24, budget=40.0)
 
 
 @pytest.mark.slow
