@@ -240,8 +240,8 @@ class Backend:
 
         Crash safety: the old file is checkpointed first and the copy is
         fsynced before the record names both (each matches the disk
-        exactly, whichever the rename left); after the rename the record
-        names the new file alone, before anything is committed to it.
+        exactly, whichever the rename left); once the rename is durable the
+        record names the new file alone, before anything is committed to it.
         """
         before = self.size()
         tmp_dir = self.path + ".defrag"
@@ -268,14 +268,16 @@ class Backend:
         return before, self.size()
 
     def _swap(self, swap_guard, tmp_file: str, new_meta: metapage.Meta) -> None:
+        # Readers wait only for the swap itself; the syncs after it need
+        # only writers kept out, which the caller does until we return.
         with swap_guard:
             self._unpin()
             self.env.close()
             os.replace(tmp_file, self.data_file)
-            _fsync_dir(self.path)
-            self._record.write([new_meta])
             self._open()
-            self.checkpoint()
+        _fsync_dir(self.path)
+        self._record.write([new_meta])
+        self.checkpoint()
 
 
 def _fsync_dir(path: str) -> None:
