@@ -27,12 +27,14 @@ and :func:`prepare` runs before LMDB maps the file:
 
 * the file's newest meta page equals the record: nothing to do;
 * it is newer than the record (commits after the last checkpoint, synced
-  or not -- a killed process and a cut machine look the same): both meta
-  pages are rewritten with the recorded one and synced, rolling LMDB back
-  to the checkpoint, whose tree is intact (the backend kept its pages from
-  being reused, see ``backend.py``); the WAL replays the rest;
-* older than the record, unreadable, or pointing past the end of the
-  file: :class:`~mvcckv.errors.BackendCorruptError`, naming what is wrong.
+  or not -- a killed process and a cut machine look the same), or a meta
+  page is unreadable (torn): both meta pages are rewritten with the
+  recorded one and synced, rolling LMDB back to the checkpoint, whose tree
+  is intact (the backend kept its pages from being reused, see
+  ``backend.py``); the WAL replays the rest;
+* older than the record, or a tree that cannot fit in the file (which
+  LMDB would answer with SIGBUS): :class:`~mvcckv.errors.BackendCorruptError`,
+  naming what is wrong.
 
 A record with no meta (written before a new file's first checkpoint)
 means the file holds nothing durable yet, and it is recreated.
