@@ -24,6 +24,8 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 import mvcckv.pg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -78,6 +80,15 @@ def _cut(pg: PostgresServer, disk: Disk, mode: str, rng: random.Random, image: P
 
 
 def test_pg_power_cut_loses_no_acknowledged_write(postgres_bindir):
+    _pg_power_cuts(postgres_bindir, ("torn", "drop", "torn"))
+
+
+@pytest.mark.slow
+def test_pg_power_cut_loses_no_acknowledged_write_long(postgres_bindir):
+    _pg_power_cuts(postgres_bindir, ("torn", "torn", "drop") * 8)
+
+
+def _pg_power_cuts(postgres_bindir, modes: tuple[str, ...]) -> None:
     seed = int(os.environ.get("CRASH_SEED", random.randrange(1 << 30)))
     rng = random.Random(seed)
     acked: list[tuple[bytes, bytes, int]] = []
@@ -89,7 +100,7 @@ def test_pg_power_cut_loses_no_acknowledged_write(postgres_bindir):
         lib = build_shim(work)
         image = work / "image"
         mvcckv.pg.open(pg.dsn(), schema=SCHEMA).close()
-        for n, mode in enumerate(("torn", "drop", "torn")):
+        for n, mode in enumerate(modes):
             where = f"seed {seed}, cut {n} ({mode})"
             pg.stop_server("fast")
             disk = Disk(lib, pg.data_dir, work)
