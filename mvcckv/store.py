@@ -137,6 +137,11 @@ _DECODERS.update({kind | AUTHORIZED_FLAG: _authorized_decoder(cls.FromString) fo
 _DECODERS.update({kind | AUTH_OFF_FLAG: cls.FromString for kind, cls in _REQUEST_TYPES.items()})
 
 
+# LMDB errors that mean the file is damaged (not, say, a lock held elsewhere).
+_LMDB_DAMAGE = (
+    lmdb.CorruptedError, lmdb.InvalidError, lmdb.PageNotFoundError,
+    lmdb.VersionMismatchError, lmdb.PanicError, lmdb.BadTxnError,
+)
 _REPAIR_HINT = "`mvcckv repair --data-dir {0}` rebuilds it from the WAL (or from a snapshot plus the WAL)"
 _MAX_BATCH = 512
 # What a NOSPACE alarm refuses (etcd's capped applier): writes that take space.
@@ -319,7 +324,9 @@ class Store(Admission, AuthAdmin):
         self._wal_full = False
         try:
             self._backend = Backend(os.path.join(self.path, "db"), quota_bytes=self.options.quota_bytes)
-        except (lmdb.Error, errors.BackendCorruptError) as e:
+        except _LMDB_DAMAGE as e:
+            raise errors.BackendCorruptError(f"backend in {self.path}/db is damaged ({e!r}); {_REPAIR_HINT.format(self.path)}") from e
+        except errors.BackendCorruptError as e:
             raise errors.BackendCorruptError(f"{e}; {_REPAIR_HINT.format(self.path)}") from e
         self._index = TreeIndex()
         self._lessor = Lessor(min_ttl=self.options.min_lease_ttl)
@@ -341,7 +348,7 @@ class Store(Admission, AuthAdmin):
         self._auth = AuthStore(bcrypt_cost=self.options.bcrypt_cost, kv_revision=lambda: self._current)
         try:
             self._restore()
-        except (lmdb.Error, struct.error, ValueError, DecodeError) as e:
+        except (*_LMDB_DAMAGE, struct.error, ValueError, DecodeError) as e:
             # Damage inside the tree (the meta pages were checked before
             # LMDB mapped the file): a page of the wrong type, a value that
             # does not parse.
