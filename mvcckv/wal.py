@@ -469,7 +469,12 @@ class WAL:
         if self._buf:
             self._write_buffer()
         if self._unsynced and self._fsync:
-            _fdatasync(self._fd)
+            try:
+                _fdatasync(self._fd)
+            except OSError as e:
+                # Whatever the error (ENOSPC included), never retried.
+                self._unusable = f"WAL in {self._dirpath}: fdatasync failed ({e}); reopen it to recover"
+                raise StorageError(self._unusable) from e
         self._unsynced = False
         seg = self._segments[-1]
         self._synced = (seg.size, seg.last)

@@ -100,7 +100,10 @@ def test_full_disk_in_the_middle_of_a_group_commit_refuses_the_whole_batch(tmp_p
         assert store.range(b"k", b"l").count == 0
 
 
-def test_eio_on_wal_fsync_stops_the_store_and_loses_nothing_acknowledged(tmp_path, monkeypatch):
+@pytest.mark.parametrize("code", [errno.EIO, errno.ENOSPC])
+def test_failed_wal_fsync_stops_the_store_and_loses_nothing_acknowledged(tmp_path, monkeypatch, code):
+    """EIO, or even ENOSPC, from fdatasync: unlike a failed write, a failed
+    sync leaves the page cache unknowable, so the store stops."""
     path = str(tmp_path / "data")
     store = mvcckv.open(path)
     failing = {"on": False}
@@ -108,7 +111,7 @@ def test_eio_on_wal_fsync_stops_the_store_and_loses_nothing_acknowledged(tmp_pat
 
     def fdatasync(fd):
         if failing["on"]:
-            raise OSError(errno.EIO, os.strerror(errno.EIO))
+            raise OSError(code, os.strerror(code))
         real(fd)
 
     monkeypatch.setattr(wal, "_fdatasync", fdatasync)
