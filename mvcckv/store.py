@@ -158,6 +158,11 @@ class Options:
     # --unsafe-no-fsync); only for tests and benchmarks.
     fsync: bool = True
     wal_segment_bytes: int = 64 * 1024 * 1024
+    # WAL segments kept after a checkpoint covers them (etcd's --max-wals),
+    # so that `mvcckv repair --from-snapshot` can combine a snapshot older
+    # than the last checkpoint with the WAL.  Each costs its bytes on disk
+    # and a CRC check of them at every open.
+    wal_kept_segments: int = 0
     compaction_batch_limit: int = 1000
     compaction_sleep: float = 0.01
     index_compaction_chunk: int = 10000
@@ -606,7 +611,7 @@ class Store(Admission, AuthAdmin):
                 except Exception:  # noqa: BLE001 - a listener must not stop writes
                     log.exception("commit listener failed")
         if self._durable_index > self._released_index:
-            self._wal.release(self._durable_index)
+            self._wal.release(self._durable_index, self.options.wal_kept_segments)
             self._released_index = self._durable_index
 
     def _apply(self, txn, kind: int, req, changes: list | None = None):
@@ -1330,7 +1335,7 @@ class Store(Admission, AuthAdmin):
             if healthy:
                 self.checkpoint()
                 if self._durable_index > self._released_index:
-                    self._wal.release(self._durable_index)
+                    self._wal.release(self._durable_index, self.options.wal_kept_segments)
         finally:
             self._wal.close()
             self._backend.close(checkpoint=healthy)

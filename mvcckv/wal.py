@@ -599,8 +599,9 @@ class WAL:
 
     # --- releasing and closing ------------------------------------------
 
-    def release(self, upto: int) -> int:
-        """Delete the segments all of whose records have index <= ``upto``.
+    def release(self, upto: int, keep: int = 0) -> int:
+        """Delete the segments all of whose records have index <= ``upto``,
+        except the newest ``keep`` of those.
 
         Call it with the index the backend has durably applied (a
         checkpoint).  The active segment is never deleted.  Deletes oldest
@@ -609,9 +610,12 @@ class WAL:
         """
         if self._unusable is not None:
             raise StorageError(self._unusable)
+        if keep < 0:
+            raise ValueError(f"keep must be >= 0, not {keep}")
+        releasable = sum(1 for seg in self._segments[:-1] if seg.last <= upto)
         deleted = 0
         try:
-            while len(self._segments) > 1 and self._segments[0].last <= upto:
+            while deleted < releasable - keep:
                 os.unlink(self._segments[0].path)
                 del self._segments[0]
                 deleted += 1

@@ -530,3 +530,19 @@ def test_sigkill_loses_no_synced_record(tmp_path):
             records = list(wal.replay(max(released, 0)))
             _check(records, range(max(released, 0) + 1, wal.last_index + 1))
     assert acked > 0
+
+
+def test_release_keeps_the_newest_releasable_segments(tmp_path):
+    with WAL.open(tmp_path / "w", segment_bytes=64) as wal:
+        for i in range(40):
+            wal.append(1, {"i": i, "pad": b"x" * 40})
+            wal.sync()
+        before = sorted(os.listdir(tmp_path / "w"))
+        assert len(before) > 10
+        assert wal.release(wal.last_index, keep=3) == len(before) - 1 - 3
+        assert sorted(os.listdir(tmp_path / "w")) == before[-4:]
+        assert wal.release(wal.last_index, keep=3) == 0
+        with pytest.raises(ValueError):
+            wal.release(wal.last_index, keep=-1)
+        assert wal.release(wal.last_index) == 3
+        assert sorted(os.listdir(tmp_path / "w")) == before[-1:]
