@@ -66,9 +66,15 @@ segment (``[n]`` valid record ``n``, ``##`` bad bytes, ``00`` zeros)::
     [7][8][9]##          torn tail: cut after 9, log a warning
     [7][8][9]000000      zero-filled tail: cut after 9, log a warning
     [7][8]##             record 9 torn or garbled: cut after 8
-    [7]##[9]             record 8 bad, 9 valid after it: WALCorruptError
-    [7]0000[9]           the same; the log cannot know that 9 was not
+    [7]##[9]             record 8 bad, 9 valid after it: WALCorruptError;
+                         the log cannot know that 9 was not
                          acknowledged, so it refuses rather than drop it
+    [7]0000[9]           the same, unless the zeros fill a whole aligned
+                         512-byte sector: then a page of 8 never reached
+                         the disk while a later one (9) did -- torn
+                         writeback of data never synced, since the sync
+                         that would have acknowledged 9 covers 8's page
+                         too: cut after 7, log a warning
 
 A valid record after a bad one is found by testing every byte offset after
 the bad record (so a corrupted ``length`` field cannot hide its successors),
@@ -115,6 +121,7 @@ _INDEX_TYPE = struct.Struct("<QB")
 _CRC_START = _LENGTH_CRC.size
 assert _HEADER.size == HEADER_BYTES
 
+_SECTOR = 512
 _SEGMENT_NAME = re.compile(r"^([0-9a-f]{16})\.wal$")
 _NON_ZERO = re.compile(rb"[^\x00]")
 
@@ -239,10 +246,34 @@ def _scan_segment(path: str, first: int, is_last: bool) -> tuple[int, int, int]:
             raise WALCorruptError(f"{where} (not the last segment, so not a torn tail)") from None
         following = _find_valid_record(data, mv, bad.offset + 1, expect - 1)
         if following is not None:
-            raise WALCorruptError(
-                f"{where}, and a valid record follows at offset {following}"
-            ) from None
+            if not _has_zero_sector(data, bad.offset, following):
+                raise WALCorruptError(
+                    f"{where}, and a valid record follows at offset {following}"
+                ) from None
+            logger.warning(
+                "%s: a zero-filled sector before the valid record at offset %d: torn writeback "
+                "of records never synced; cutting from offset %d", where, following, bad.offset,
+            )
     return expect - 1, pos, len(data)
+
+
+def _has_zero_sector(data: bytes, start: int, end: int) -> bool:
+    """Whether ``data[start:end]`` holds a whole zero-filled 512-byte sector.
+
+    Such a sector in the last segment is a page that never reached the disk
+    (appended space reads as zeros until it is written back), and the page
+    cache writes pages back in any order, so later records may have made
+    it while it did not.  None of them was acknowledged: the fdatasync that
+    would have acknowledged the later ones covers the missing page too.
+    (etcd's WAL tells a torn entry from corruption the same way.)
+    """
+    zero = bytes(_SECTOR)
+    sector = -(-start // _SECTOR) * _SECTOR
+    while sector + _SECTOR <= end:
+        if data[sector : sector + _SECTOR] == zero:
+            return True
+        sector += _SECTOR
+    return False
 
 
 def _write_all(fd: int, buf: bytearray) -> None:
