@@ -39,6 +39,7 @@ above the space quota so that the quota, not LMDB, is what refuses writes.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import struct
@@ -93,15 +94,27 @@ class Backend:
         self.path = path
         self.quota_bytes = quota_bytes
         os.makedirs(path, exist_ok=True)
-        self._record = metapage.SyncedMeta(path)
-        self._pin: lmdb.Transaction | None = None
-        if not self._record.exists() and not os.path.exists(self.data_file):
-            # A new file: say so durably before LMDB creates it, so that a
-            # cut before its first checkpoint is recognised as such.
-            self._record.write([])
-        metapage.prepare(path, self.data_file)
-        self._open()
-        self.checkpoint()
+        # Locked before anything is checked or rolled back: rewriting the
+        # meta pages of a file another process is using would destroy it.
+        self._dir_fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            fcntl.flock(self._dir_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._dir_fd)
+            raise StorageError(f"backend directory {path} is already open by another process") from None
+        try:
+            self._record = metapage.SyncedMeta(path)
+            self._pin: lmdb.Transaction | None = None
+            if not self._record.exists() and not os.path.exists(self.data_file):
+                # A new file: say so durably before LMDB creates it, so that
+                # a cut before its first checkpoint is recognised as such.
+                self._record.write([])
+            metapage.prepare(path, self.data_file)
+            self._open()
+            self.checkpoint()
+        except BaseException:
+            os.close(self._dir_fd)
+            raise
 
     # -- environment -----------------------------------------------------
 
@@ -188,6 +201,7 @@ class Backend:
         finally:
             self._unpin()
             self.env.close()
+            os.close(self._dir_fd)  # also drops the lock
 
     def _unpin(self) -> None:
         if self._pin is not None:

@@ -161,3 +161,25 @@ def test_kept_segments_let_an_old_snapshot_be_combined_with_the_wal(tmp_path):
         repair(path, snap)
         with mvcckv.open(path) as store:
             assert (store.revision, store.hash_kv()[0]) == (rev, h)
+
+
+def test_a_second_opener_never_touches_a_data_dir_in_use(tmp_path):
+    """The open-time check rewrites meta pages; on a file another process
+    is using that would destroy it, so the backend is locked first."""
+    path = str(tmp_path / "data")
+    with mvcckv.open(path, checkpoint_interval=3600) as store:
+        store.put(b"a", b"1")
+        store.checkpoint()
+        for i in range(300):
+            store.put(b"k%d" % i, b"v")  # committed, not synced: newer meta pages
+        before = open(_data_file(path), "rb").read(8192)
+        child = subprocess.run(
+            [sys.executable, "-c", "import sys, mvcckv; mvcckv.open(sys.argv[1])", path],
+            capture_output=True, text=True, timeout=60,
+        )
+        assert child.returncode == 1 and "already open" in child.stderr, child.stderr
+        assert open(_data_file(path), "rb").read(8192) == before
+        store.put(b"b", b"2")
+        rev = store.revision
+    with mvcckv.open(path) as store:
+        assert store.revision == rev and store.get(b"k299").value == b"v"
