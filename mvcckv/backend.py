@@ -14,13 +14,24 @@ named databases:
 ``auth``, ``authUsers``, ``authRoles``  the auth store (see ``auth.py``)
 ========  ==================================================================
 
-Durability comes from the WAL, not from LMDB: the environment is opened
-without per-commit fsync (``sync=False``), commits are cheap page-cache
-writes, and ``checkpoint()`` makes everything committed so far durable
-before the WAL segments it covers are released.  A killed process loses
-nothing (the page cache survives it); after an OS crash LMDB may roll back
-its last commits, which the WAL then replays, because ``consistent_index``
-is written in the same LMDB transaction as the changes it names.
+Durability comes from the WAL and from checkpoints, never from "the page
+cache will get there" (see ``docs/durability.md`` for the whole argument).
+Commits are written without fsync (``sync=False``), so each costs page-cache
+writes only.  A checkpoint (:meth:`begin_checkpoint` with writers held out,
+then :meth:`finish_checkpoint`) fsyncs the file and then records the meta
+page of the synced state in ``synced-meta`` (``metapage.py``); only then may
+the WAL records it covers be released.
+
+Unsynced commits may reach the disk in any order and in part.  What keeps
+the synced state intact under them is a read transaction held open on it
+(the *pin*): LMDB reuses a page freed by transaction ``k`` only when every
+reader is newer than ``k`` (``mdb_page_alloc`` takes free-list records
+whose txnid is below ``mdb_find_oldest``: the writer's txnid - 1, or the
+oldest reader's), so no page of the pinned tree is overwritten until the
+next checkpoint's pin replaces it.  On open, :func:`metapage.prepare` puts
+the recorded meta page back when the file's newest one is not it, which
+rolls LMDB back to that intact tree, and the WAL replays every record after
+its ``consistent_index``.
 
 The map size is a ceiling on the file, not an allocation; it is set well
 above the space quota so that the quota, not LMDB, is what refuses writes.
@@ -28,11 +39,15 @@ above the space quota so that the quota, not LMDB, is what refuses writes.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import struct
 
 import lmdb
+
+from mvcckv import metapage
+from mvcckv.errors import StorageError
 
 KEY = b"key"
 META = b"meta"
@@ -79,7 +94,27 @@ class Backend:
         self.path = path
         self.quota_bytes = quota_bytes
         os.makedirs(path, exist_ok=True)
-        self._open()
+        # Locked before anything is checked or rolled back: rewriting the
+        # meta pages of a file another process is using would destroy it.
+        self._dir_fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            fcntl.flock(self._dir_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._dir_fd)
+            raise StorageError(f"backend directory {path} is already open by another process") from None
+        try:
+            self._record = metapage.SyncedMeta(path)
+            self._pin: lmdb.Transaction | None = None
+            if not self._record.exists() and not os.path.exists(self.data_file):
+                # A new file: say so durably before LMDB creates it, so that
+                # a cut before its first checkpoint is recognised as such.
+                self._record.write([])
+            metapage.prepare(path, self.data_file)
+            self._open()
+            self.checkpoint()
+        except BaseException:
+            os.close(self._dir_fd)
+            raise
 
     # -- environment -----------------------------------------------------
 
@@ -114,15 +149,64 @@ class Backend:
     def begin_write(self) -> lmdb.Transaction:
         return self.env.begin(write=True, buffers=False)
 
-    def checkpoint(self) -> None:
-        """Make every committed transaction durable (fsync the data file)."""
-        self.env.sync(True)
+    # -- checkpoints -----------------------------------------------------
 
-    def close(self) -> None:
+    def begin_checkpoint(self) -> tuple[lmdb.Transaction, metapage.Meta]:
+        """Pin the last committed state; call with every writer held out.
+
+        Returns a token for :meth:`finish_checkpoint`, which may run while
+        writers go on.  O(1): one read transaction, two page reads.
+        """
+        pin = self.env.begin()
+        try:
+            meta = metapage.newest(metapage.read_metas(self.data_file, self.env.stat()["psize"]))
+            last = self.env.info()["last_txnid"]
+            if meta is None or meta.txnid != last:
+                raise StorageError(
+                    f"backend {self.data_file}: meta page says txn "
+                    f"{None if meta is None else meta.txnid}, LMDB says {last}"
+                )
+        except BaseException:
+            pin.abort()
+            raise
+        return pin, meta
+
+    def finish_checkpoint(self, token: tuple[lmdb.Transaction, metapage.Meta]) -> None:
+        """Make the pinned state durable and record it; the previous pin goes.
+
+        One fdatasync of the data file (every page committed so far), then
+        the record (one file fsync, one directory fsync).
+        """
+        pin, meta = token
         try:
             self.env.sync(True)
+            self._record.write([meta])
+        except BaseException:
+            pin.abort()
+            raise
+        old, self._pin = self._pin, pin
+        if old is not None:
+            old.abort()
+
+    def checkpoint(self) -> None:
+        """Both halves of a checkpoint at once; call with writers held out."""
+        self.finish_checkpoint(self.begin_checkpoint())
+
+    def close(self, *, checkpoint: bool = True) -> None:
+        """Checkpoint (unless told not to, after a failure) and close; call
+        with writers held out."""
+        try:
+            if checkpoint:
+                self.checkpoint()
         finally:
+            self._unpin()
             self.env.close()
+            os.close(self._dir_fd)  # also drops the lock
+
+    def _unpin(self) -> None:
+        if self._pin is not None:
+            self._pin.abort()
+            self._pin = None
 
     # -- sizes -----------------------------------------------------------
 
@@ -156,23 +240,50 @@ class Backend:
         """Rewrite the file without its free pages; returns (before, after) sizes.
 
         The compacting copy runs from a read transaction, so readers are
-        served throughout; the caller must keep writers out until this
-        returns (the store's writer thread runs defrag itself).  Only the
-        swap (close, rename, reopen) runs inside ``swap_guard``.
+        served throughout; the caller must keep writers and checkpoints out
+        until this returns (the store runs it under its writer lock).  Only
+        the swap (close, rename, reopen) runs inside ``swap_guard``.
+
+        Crash safety: the old file is checkpointed first and the copy is
+        fsynced before the record names both (each matches the disk
+        exactly, whichever the rename left); once the rename is durable the
+        record names the new file alone, before anything is committed to it.
         """
         before = self.size()
         tmp_dir = self.path + ".defrag"
         shutil.rmtree(tmp_dir, ignore_errors=True)
         os.makedirs(tmp_dir)
+        self.checkpoint()
+        old_meta = metapage.newest(metapage.read_metas(self.data_file))
         self.env.copy(tmp_dir, compact=True)
-        with swap_guard:
-            self.env.sync(True)
-            self.env.close()
-            os.replace(os.path.join(tmp_dir, "data.mdb"), self.data_file)
-            shutil.rmtree(tmp_dir, ignore_errors=True)
-            _fsync_dir(self.path)
-            self._open()
+        tmp_file = os.path.join(tmp_dir, "data.mdb")
+        fd = os.open(tmp_file, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        new_meta = metapage.newest(metapage.read_metas(tmp_file))
+        self._record.write([old_meta, new_meta])
+        try:
+            self._swap(swap_guard, tmp_file, new_meta)
+        except BaseException:
+            if os.path.exists(tmp_file):  # the old file is still in place
+                self._record.write([old_meta])
+            raise
+        shutil.rmtree(tmp_dir, ignore_errors=True)
         return before, self.size()
+
+    def _swap(self, swap_guard, tmp_file: str, new_meta: metapage.Meta) -> None:
+        # Readers wait only for the swap itself; the syncs after it need
+        # only writers kept out, which the caller does until we return.
+        with swap_guard:
+            self._unpin()
+            self.env.close()
+            os.replace(tmp_file, self.data_file)
+            self._open()
+        _fsync_dir(self.path)
+        self._record.write([new_meta])
+        self.checkpoint()
 
 
 def _fsync_dir(path: str) -> None:

@@ -1,7 +1,7 @@
-"""The ``mvcckv`` command: ``serve``, ``snapshot save|restore|status``.
+"""The ``mvcckv`` command: ``serve``, ``snapshot save|restore|status``, ``repair``.
 
 Each subcommand's flags and code live with the module that owns the
-concept (``mvcckv.server.config``, ``mvcckv.snapshot``); this module only
+concept (``mvcckv.server.config``, ``mvcckv.snapshot``, ``mvcckv.repair``); this module only
 dispatches, so importing it stays cheap.
 """
 
@@ -30,6 +30,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     snapshot.add_parser(sub)
     __import__("mvcckv.testing.cli", fromlist=["add_parser"]).add_parser(sub)
+
+    from mvcckv import repair
+
+    repair.add_parser(sub)
     return parser
 
 

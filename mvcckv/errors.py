@@ -219,9 +219,17 @@ class WALCorruptError(StorageError):
     """A WAL record in the middle of the log failed its checks."""
 
 
+class WALNoSpaceError(StorageError):
+    """Appending to the WAL failed for want of space; the log is unchanged."""
+
+
 class SnapshotError(StorageError):
     """A snapshot file is corrupt, truncated or not a snapshot."""
 
 
 class BoltError(SnapshotError):
     """A bbolt (etcd backend) file is corrupt, truncated or not a bbolt file."""
+
+
+class BackendCorruptError(StorageError):
+    """The backend file (LMDB) is damaged: refused before it is mapped."""

@@ -66,9 +66,15 @@ segment (``[n]`` valid record ``n``, ``##`` bad bytes, ``00`` zeros)::
     [7][8][9]##          torn tail: cut after 9, log a warning
     [7][8][9]000000      zero-filled tail: cut after 9, log a warning
     [7][8]##             record 9 torn or garbled: cut after 8
-    [7]##[9]             record 8 bad, 9 valid after it: WALCorruptError
-    [7]0000[9]           the same; the log cannot know that 9 was not
+    [7]##[9]             record 8 bad, 9 valid after it: WALCorruptError;
+                         the log cannot know that 9 was not
                          acknowledged, so it refuses rather than drop it
+    [7]0000[9]           the same, unless the zeros fill a whole aligned
+                         512-byte sector: then a page of 8 never reached
+                         the disk while a later one (9) did -- torn
+                         writeback of data never synced, since the sync
+                         that would have acknowledged 9 covers 8's page
+                         too: cut after 7, log a warning
 
 A valid record after a bad one is found by testing every byte offset after
 the bad record (so a corrupted ``length`` field cannot hide its successors),
@@ -87,6 +93,7 @@ raises when a record after ``after`` is missing.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import logging
 import os
@@ -98,7 +105,7 @@ from dataclasses import dataclass
 import crc32c as _crc32c_mod
 import msgpack
 
-from mvcckv.errors import StorageError, WALCorruptError
+from mvcckv.errors import StorageError, WALCorruptError, WALNoSpaceError
 
 __all__ = ["WAL", "HEADER_BYTES", "MAX_PAYLOAD_BYTES", "SEGMENT_SUFFIX"]
 
@@ -114,6 +121,7 @@ _INDEX_TYPE = struct.Struct("<QB")
 _CRC_START = _LENGTH_CRC.size
 assert _HEADER.size == HEADER_BYTES
 
+_SECTOR = 512
 _SEGMENT_NAME = re.compile(r"^([0-9a-f]{16})\.wal$")
 _NON_ZERO = re.compile(rb"[^\x00]")
 
@@ -238,10 +246,34 @@ def _scan_segment(path: str, first: int, is_last: bool) -> tuple[int, int, int]:
             raise WALCorruptError(f"{where} (not the last segment, so not a torn tail)") from None
         following = _find_valid_record(data, mv, bad.offset + 1, expect - 1)
         if following is not None:
-            raise WALCorruptError(
-                f"{where}, and a valid record follows at offset {following}"
-            ) from None
+            if not _has_zero_sector(data, bad.offset, following):
+                raise WALCorruptError(
+                    f"{where}, and a valid record follows at offset {following}"
+                ) from None
+            logger.warning(
+                "%s: a zero-filled sector before the valid record at offset %d: torn writeback "
+                "of records never synced; cutting from offset %d", where, following, bad.offset,
+            )
     return expect - 1, pos, len(data)
+
+
+def _has_zero_sector(data: bytes, start: int, end: int) -> bool:
+    """Whether ``data[start:end]`` holds a whole zero-filled 512-byte sector.
+
+    Such a sector in the last segment is a page that never reached the disk
+    (appended space reads as zeros until it is written back), and the page
+    cache writes pages back in any order, so later records may have made
+    it while it did not.  None of them was acknowledged: the fdatasync that
+    would have acknowledged the later ones covers the missing page too.
+    (etcd's WAL tells a torn entry from corruption the same way.)
+    """
+    zero = bytes(_SECTOR)
+    sector = -(-start // _SECTOR) * _SECTOR
+    while sector + _SECTOR <= end:
+        if data[sector : sector + _SECTOR] == zero:
+            return True
+        sector += _SECTOR
+    return False
 
 
 def _write_all(fd: int, buf: bytearray) -> None:
@@ -285,6 +317,9 @@ class WAL:
         self._last_index = 0
         self._buf = bytearray()
         self._unsynced = False  # bytes written to _fd since the last fdatasync
+        # (size, last index) of the active segment at its last sync (or its
+        # creation): what an append refused for want of space goes back to.
+        self._synced = (0, 0)
         self._unusable: str | None = None  # why appends are refused, once closed or failed
         self._pack = msgpack.Packer(use_bin_type=True).pack
 
@@ -392,6 +427,7 @@ class WAL:
             active = self._segments[-1]
             self._fd = os.open(active.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
             self._last_index = active.last
+            self._synced = (active.size, active.last)
             if cut is not None:
                 seg, size = cut
                 logger.warning(
@@ -414,6 +450,7 @@ class WAL:
             os.close(self._fd)
         self._fd = fd
         self._segments.append(_Segment(path, first, first - 1, 0))
+        self._synced = (0, first - 1)
 
     # --- writing ---------------------------------------------------------
 
@@ -463,12 +500,24 @@ class WAL:
         if self._buf:
             self._write_buffer()
         if self._unsynced and self._fsync:
-            _fdatasync(self._fd)
+            try:
+                _fdatasync(self._fd)
+            except OSError as e:
+                # Whatever the error (ENOSPC included), never retried.
+                self._unusable = f"WAL in {self._dirpath}: fdatasync failed ({e}); reopen it to recover"
+                raise StorageError(self._unusable) from e
         self._unsynced = False
+        seg = self._segments[-1]
+        self._synced = (seg.size, seg.last)
         # Rotating only here, after the fdatasync, is what keeps every
         # non-last segment complete on disk.
-        if self._segments[-1].size >= self._segment_bytes:
-            self._create_segment(self._last_index + 1)
+        if seg.size >= self._segment_bytes:
+            try:
+                self._create_segment(self._last_index + 1)
+            except OSError as e:
+                # The records are durable; only the new file failed (a full
+                # disk).  Keep appending here and rotate at a later sync.
+                logger.warning("%s: cannot start the next segment (%s); continuing in this one", seg.path, e)
 
     def _write_buffer(self) -> None:
         _write_all(self._fd, self._buf)
@@ -482,8 +531,33 @@ class WAL:
         try:
             step()
         except OSError as e:
+            if e.errno == errno.ENOSPC and self._forget_unsynced():
+                raise WALNoSpaceError(
+                    f"WAL in {self._dirpath}: no space left on device; the records appended since "
+                    "the last sync were dropped"
+                ) from e
             self._unusable = f"WAL in {self._dirpath} failed ({e}); reopen it to recover"
             raise StorageError(self._unusable) from e
+
+    def _forget_unsynced(self) -> bool:
+        """Cut the active segment back to its last synced record, so that a
+        batch refused for want of space leaves nothing behind; False when
+        that is impossible (the log is then unusable).
+
+        Only writes are undone this way: an fsync that failed leaves the
+        page cache in a state nobody can know, so it is never retried.
+        """
+        size, last = self._synced
+        seg = self._segments[-1]
+        try:
+            os.ftruncate(self._fd, size)
+        except OSError:
+            return False
+        seg.size, seg.last = size, last
+        self._last_index = last
+        self._buf.clear()
+        self._unsynced = False
+        return True
 
     # --- reading ---------------------------------------------------------
 
@@ -556,8 +630,9 @@ class WAL:
 
     # --- releasing and closing ------------------------------------------
 
-    def release(self, upto: int) -> int:
-        """Delete the segments all of whose records have index <= ``upto``.
+    def release(self, upto: int, keep: int = 0) -> int:
+        """Delete the segments all of whose records have index <= ``upto``,
+        except the newest ``keep`` of those.
 
         Call it with the index the backend has durably applied (a
         checkpoint).  The active segment is never deleted.  Deletes oldest
@@ -566,9 +641,12 @@ class WAL:
         """
         if self._unusable is not None:
             raise StorageError(self._unusable)
+        if keep < 0:
+            raise ValueError(f"keep must be >= 0, not {keep}")
+        releasable = sum(1 for seg in self._segments[:-1] if seg.last <= upto)
         deleted = 0
         try:
-            while len(self._segments) > 1 and self._segments[0].last <= upto:
+            while deleted < releasable - keep:
                 os.unlink(self._segments[0].path)
                 del self._segments[0]
                 deleted += 1

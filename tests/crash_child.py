@@ -13,6 +13,8 @@ a SIGKILL can never leave half of one behind::
     done OP REV OUTCOME                       OP was acknowledged
     ack OP KEY REV DIGEST                     one key OP changed (DIGEST of the
                                               new value, or "tombstone")
+    maint JOB                                 starting a defrag, snapshot or
+                                              checkpoint (CRASH_CHILD_MAINTENANCE=1)
 
 ``intent`` lines come before the request is proposed and ``done``/``ack``
 lines right after the call returns, so every acknowledged write is printed
@@ -165,6 +167,23 @@ class _Writers:
             # Only after the acknowledgement is printed: see the module docstring.
             self.last_acked[t] = rev
 
+    def maintainer(self) -> None:
+        """Defrag, snapshot and checkpoint at random moments (with
+        ``CRASH_CHILD_MAINTENANCE=1``), each announced by a ``maint JOB``
+        line, so that a kill or power cut can land inside each of them."""
+        rng = random.Random(f"{self.seed}/{self.run}/maintainer")
+        store = self.store
+        while not self.stop.wait(rng.uniform(0.02, 0.1)):
+            job = rng.choice(("defrag", "snapshot", "checkpoint"))
+            _emit(f"maint {job}")
+            if job == "defrag":
+                store.defrag()
+            elif job == "snapshot":
+                with open(os.devnull, "wb") as sink:
+                    store.snapshot(sink.fileno())
+            else:
+                store.checkpoint()
+
     def compactor(self) -> None:
         rng = random.Random(f"{self.seed}/{self.run}/compactor")
         store = self.store
@@ -196,6 +215,8 @@ def main(argv: list[str]) -> None:
     w = _Writers(store, run, seed, writers)
     threads = [threading.Thread(target=w.writer, args=(t,), daemon=True) for t in range(writers)]
     threads.append(threading.Thread(target=w.compactor, daemon=True))
+    if os.environ.get("CRASH_CHILD_MAINTENANCE") == "1":
+        threads.append(threading.Thread(target=w.maintainer, daemon=True))
     for th in threads:
         th.start()
     # Normally killed long before this; the bound keeps a lost child from

@@ -103,14 +103,29 @@ def _run_as() -> tuple[list[str], int, int] | None:
 class PostgresServer:
     """One throwaway PostgreSQL cluster (see the module docstring)."""
 
-    def __init__(self, bindir: Path | None = None):
+    def __init__(self, bindir: Path | None = None, settings: tuple[str, ...] = ()):
+        """``settings`` (``name=value``) override the test defaults, e.g.
+        ``fsync=on`` for a test of durability; :attr:`env` is added to the
+        postmaster's environment at each start."""
         self.bindir = bindir or find_postgres()
         if self.bindir is None:
             raise FileNotFoundError("PostgreSQL server binaries (initdb, postgres) not found")
         self.workdir: Path | None = None
         self.port = 0
+        self.settings = settings
+        self.env: dict[str, str] = {}
         self._proc: subprocess.Popen | None = None
         self._as = _run_as()
+
+    @property
+    def pid(self) -> int | None:
+        """The postmaster's process ID while it runs."""
+        return self._proc.pid if self.alive() else None
+
+    @property
+    def owner(self) -> tuple[int, int] | None:
+        """(uid, gid) the server runs as when started as root, else None."""
+        return (self._as[1], self._as[2]) if self._as else None
 
     # -- addresses --
 
@@ -199,7 +214,7 @@ class PostgresServer:
         assert not self.alive(), "postgres already running"
         command = [str(self.bindir / "postgres"), "-D", str(self.data_dir), "-p", str(self.port),
                    "-k", str(self.socket_dir)]
-        for setting in _SETTINGS:
+        for setting in _SETTINGS + tuple(self.settings):
             command += ["-c", setting]
         prefix = (self._as[0] if self._as else ["setpriv"]) + ["--pdeathsig", "KILL", "--"]
         if shutil.which("setpriv") is None:
@@ -208,7 +223,7 @@ class PostgresServer:
             prefix = []
         with open(self.log_path, "ab") as log:
             self._proc = subprocess.Popen(prefix + command, stdin=subprocess.DEVNULL, stdout=log,
-                                          stderr=subprocess.STDOUT)
+                                          stderr=subprocess.STDOUT, env={**os.environ, **self.env})
         self._wait_ready()
 
     def stop_server(self, mode: str = "fast") -> None:

@@ -54,7 +54,7 @@ import lmdb
 import pytest
 
 import mvcckv
-from mvcckv import errors
+from mvcckv import errors, metapage
 from mvcckv.revision import from_bytes
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -80,13 +80,14 @@ class ReopenFailed(AssertionError):
 class _Child:
     """One run of crash_child.py; collects its stdout lines as they arrive."""
 
-    def __init__(self, data: Path, run: int, seed: int, stderr_path: Path):
+    def __init__(self, data: Path, run: int, seed: int, stderr_path: Path, env: dict[str, str] | None = None):
         self.lines: list[str] = []
         self.opening = threading.Event()
         self.ready = threading.Event()
         self.compacted = threading.Event()
+        self.maintaining = threading.Event()
         self._stderr = open(stderr_path, "wb")
-        env = dict(os.environ, CRASH_CHILD_MAX_SECONDS="20")
+        env = dict(os.environ, CRASH_CHILD_MAX_SECONDS="20", **(env or {}))
         self.proc = subprocess.Popen(
             [sys.executable, str(CHILD), str(data), str(run), str(seed)],
             stdout=subprocess.PIPE,
@@ -108,18 +109,45 @@ class _Child:
                 self.opening.set()
             elif parts[0] == "ready":
                 self.ready.set()
+            elif parts[0] == "maint":
+                self.maintaining.set()
             elif parts[0] == "intent" and parts[2] == "compact" and parts[4] == "0":
                 scheduled_only.add(parts[1])
             elif parts[0] == "done" and parts[1] in scheduled_only and parts[3] == "compacted":
                 self.compacted.set()
 
-    def kill(self) -> None:
+    def kill(self, at_stop=None) -> None:
+        """SIGKILL the child; with ``at_stop``, freeze it first (SIGSTOP) and
+        call ``at_stop()`` while nothing in it can write or answer."""
         if self.proc.poll() is None:
+            if at_stop is not None:
+                os.kill(self.proc.pid, signal.SIGSTOP)
+                _wait_stopped(self.proc.pid)
+                at_stop()
             os.kill(self.proc.pid, signal.SIGKILL)
         self.proc.wait()
         self._reader.join()
         self.proc.stdout.close()
         self._stderr.close()
+
+
+def _wait_stopped(pid: int, timeout: float = 10.0) -> None:
+    """Wait until every thread of ``pid`` is stopped: kill() returns before
+    the threads of a running process have all taken the SIGSTOP."""
+    deadline = time.monotonic() + timeout
+    while True:
+        states = []
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            try:
+                with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                    # The state follows the parenthesised command name.
+                    states.append(f.read().rsplit(")", 1)[1].split()[0])
+            except FileNotFoundError:
+                continue  # a thread that just exited
+        if all(s in ("T", "t", "Z", "X") for s in states):
+            return
+        assert time.monotonic() < deadline, f"child {pid} did not stop: thread states {states}"
+        time.sleep(0.001)
 
 
 @dataclass
@@ -228,15 +256,23 @@ def _kill_plan(i: int, rng: random.Random) -> tuple[str, float]:
     return "random", rng.uniform(0.05, 0.5)
 
 
-def _run_child(data: Path, run: int, seed: int, kind: str, delay: float, stderr: Path) -> list[str]:
-    child = _Child(data, run, seed, stderr)
+def _run_child(
+    data: Path, run: int, seed: int, kind: str, delay: float, stderr: Path, env=None, at_stop=None
+) -> list[str]:
+    child = _Child(data, run, seed, stderr, env)
     try:
         assert child.opening.wait(60), "child never started: " + stderr.read_text(errors="replace")[-2000:]
         if kind == "opening":
             time.sleep(delay)
         else:
             assert child.ready.wait(60), "child never opened the store: " + stderr.read_text(errors="replace")[-2000:]
-            if kind == "compaction":
+            if kind == "maintenance":
+                # Cut just after a defrag, snapshot or checkpoint starts.
+                time.sleep(0.05)
+                child.maintaining.clear()
+                child.maintaining.wait(3)
+                time.sleep(delay)
+            elif kind == "compaction":
                 # Let some history pile up first, then kill the instant a
                 # compaction is acknowledged as scheduled, while its deletion
                 # runs; if none comes, it is a random kill.
@@ -246,7 +282,7 @@ def _run_child(data: Path, run: int, seed: int, kind: str, delay: float, stderr:
             else:
                 time.sleep(delay)
     finally:
-        child.kill()
+        child.kill(at_stop)
     text = stderr.read_text(errors="replace")
     assert "Traceback" not in text, f"child failed:\n{text}"
     return child.lines
@@ -263,6 +299,9 @@ def _compaction_meta(data: Path) -> tuple[int, int]:
     """(scheduledCompactRev, finishedCompactRev) as the crash left them on disk."""
     if not (data / "db" / "data.mdb").exists():
         return -1, -1
+    # What the store will see: after a power cut that is the file rolled
+    # back to its last checkpoint, and LMDB must never map it before.
+    metapage.prepare(str(data / "db"), str(data / "db" / "data.mdb"))
     env = lmdb.open(str(data / "db"), max_dbs=16, readonly=True, lock=False)
     try:
         meta = env.open_db(b"meta", create=False)
@@ -430,7 +469,14 @@ def _check_reopened(where: str, a, b, ref, model: _Model, log: _RunLog) -> None:
         assert a.hash_kv() == ref.hash_kv(), f"{where}: HashKV differs from the reference store's"
 
 
-def _crash_loop(tmp_path: Path, kills: int, budget: float) -> _Model:
+def _crash_loop(tmp_path: Path, kills: int, budget: float, power=None, plan=_kill_plan) -> _Model:
+    """Kill a child ``kills`` times (fewer once ``budget`` seconds have
+    passed, but at least 10) and check every data dir it leaves.
+
+    ``power`` turns each kill into a power cut: a callable ``power(data,
+    rng)`` returning ``(env, cut)``, the child's extra environment and a
+    function, called while the child is frozen, that replaces ``data`` by
+    what the disk would hold (see ``test_powercut.py``)."""
     seed = int(os.environ.get("CRASH_SEED", random.randrange(1 << 30)))
     rng = random.Random(seed)
     data = tmp_path / "data"
@@ -442,9 +488,14 @@ def _crash_loop(tmp_path: Path, kills: int, budget: float) -> _Model:
         for i in range(kills):
             if i >= 10 and time.monotonic() - start > budget:
                 break
-            kind, delay = _kill_plan(i, rng)
+            kind, delay = plan(i, rng)
             where = f"seed {seed}, kill {i} ({kind})"
-            lines = _run_child(data, i, seed, kind, delay, tmp_path / f"child-{i}.err")
+            env, cut = power(data, rng) if power is not None else (None, None)
+            lines = _run_child(data, i, seed, kind, delay, tmp_path / f"child-{i}.err", env, cut)
+            if cut is not None:
+                if cut.stats is None:
+                    cut()  # the child exited on its own before the cut
+                cut.install()
             model.kinds[kind] = model.kinds.get(kind, 0) + 1
             log = _RunLog.parse(lines)
             for snap in (snap_a, snap_b):
@@ -506,7 +557,9 @@ def test_reopen_mid_compaction_keeps_compact_revision(tmp_path):
     """
     script = (
         "import os, sys, time, mvcckv\n"
-        "s = mvcckv.open(sys.argv[1], compaction_batch_limit=10, compaction_sleep=0.05)\n"
+        # Checkpoints after every delete batch: a reopen rolls the backend
+        # back to its last checkpoint, which must be mid-compaction here.
+        "s = mvcckv.open(sys.argv[1], compaction_batch_limit=10, compaction_sleep=0.05, checkpoint_interval=0.01)\n"
         "for i in range(2000):\n"
         "    s.put(b'k%d' % (i % 50), b'v%d' % i)\n"
         "s.compact(1500)\n"

@@ -332,10 +332,11 @@ def test_damage_table(tmp_path, name, damage, kept):
         assert seg.read_bytes() == original[: offs[kept]]
 
 
-@pytest.mark.parametrize("gap", [1, 3, 4, 17, 4096])
+@pytest.mark.parametrize("gap", [1, 3, 4, 17, 511])
 @pytest.mark.parametrize("payload_bytes", [1, 254, 65533, 2**24 - 5])  # packed: 3, 2**8, 2**16, 2**24 bytes
 def test_a_valid_record_after_zeros_is_found_whatever_its_length(tmp_path, gap, payload_bytes):
-    """The search for a following record must see headers whose first bytes are zero."""
+    """The search for a following record must see headers whose first bytes
+    are zero.  (Gaps too short to hold a whole zero sector: see the next test.)"""
     with WAL.open(tmp_path) as wal:
         wal.append(1, b"a")
         wal.append(1, b"b")
@@ -345,6 +346,35 @@ def test_a_valid_record_after_zeros_is_found_whatever_its_length(tmp_path, gap, 
     offs = _offsets_of(data)
     seg.write_bytes(data[: offs[1]] + bytes(gap) + data[offs[2] :])
     with pytest.raises(WALCorruptError, match=rf"offset {offs[1]}: .*, and a valid record follows at offset {offs[1] + gap}$"):
+        WAL.open(tmp_path)
+
+
+def test_a_page_lost_to_torn_writeback_is_a_torn_tail(tmp_path, caplog):
+    """A power cut kept a later page of the unsynced tail but not an earlier
+    one: the earlier page reads as zeros.  Nothing from it on was synced, so
+    the log is cut before it (etcd's zero-sector rule), not refused."""
+    with WAL.open(tmp_path) as wal:
+        for i in range(200):
+            wal.append(1, b"r%03d" % i + b"x" * 60)
+    (seg,) = _segments(tmp_path)
+    data = bytearray(seg.read_bytes())
+    offs = _offsets_of(bytes(data))
+    data[4096:8192] = bytes(4096)  # page 1 never written back; page 2 was
+    seg.write_bytes(bytes(data))
+    kept = sum(1 for end in offs[1:] if end <= 4096)  # records wholly before the lost page
+    records, last = _replayed(tmp_path)
+    assert last == kept
+    assert [(i, p) for i, _, p in records] == [(i + 1, b"r%03d" % i + b"x" * 60) for i in range(kept)]
+    assert "torn writeback" in caplog.text
+    # Garbage instead of zeros is not what writeback leaves: refused.
+    with WAL.open(tmp_path) as wal:
+        for i in range(200):
+            wal.append(1, b"s%03d" % i + b"y" * 60)
+    (seg,) = _segments(tmp_path)
+    data = bytearray(seg.read_bytes())
+    data[4096:8192] = random.Random(1).randbytes(4096)
+    seg.write_bytes(bytes(data))
+    with pytest.raises(WALCorruptError, match="a valid record follows"):
         WAL.open(tmp_path)
 
 
@@ -535,3 +565,19 @@ def test_sigkill_loses_no_synced_record(tmp_path):
             records = list(wal.replay(max(released, 0)))
             _check(records, range(max(released, 0) + 1, wal.last_index + 1))
     assert acked > 0
+
+
+def test_release_keeps_the_newest_releasable_segments(tmp_path):
+    with WAL.open(tmp_path / "w", segment_bytes=64) as wal:
+        for i in range(40):
+            wal.append(1, {"i": i, "pad": b"x" * 40})
+            wal.sync()
+        before = sorted(os.listdir(tmp_path / "w"))
+        assert len(before) > 10
+        assert wal.release(wal.last_index, keep=3) == len(before) - 1 - 3
+        assert sorted(os.listdir(tmp_path / "w")) == before[-4:]
+        assert wal.release(wal.last_index, keep=3) == 0
+        with pytest.raises(ValueError):
+            wal.release(wal.last_index, keep=-1)
+        assert wal.release(wal.last_index) == 3
+        assert sorted(os.listdir(tmp_path / "w")) == before[-1:]

@@ -11,6 +11,9 @@ command -v etcdctl >/dev/null 2>&1 || need_apt+=(etcd-client)
 command -v etcd >/dev/null 2>&1 || [ -x /usr/bin/etcd ] || need_apt+=(etcd-server)
 # h2load: the low-CPU gRPC load generator of the benchmarks (and their tests).
 command -v h2load >/dev/null 2>&1 || need_apt+=(nghttp2-client)
+# gcc builds the power-cut simulator and the fsync counter (tests/powercut_shim.c,
+# bench/fsync_count.c), preloaded into the processes under test.
+command -v gcc >/dev/null 2>&1 || need_apt+=(gcc libc6-dev)
 # PostgreSQL server binaries for the PostgreSQL engine's throwaway clusters.
 command -v initdb >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need_apt+=(postgresql)
 if [ "${MVCCKV_SKIP_APT:-0}" != 1 ] && [ ${#need_apt[@]} -gt 0 ]; then
