@@ -121,9 +121,10 @@ def save(target: str | os.PathLike[str] | BinaryIO, source: Source, tmp_dir: str
     ``target``, a path or a binary file; returns the bytes written.
 
     A path is written as ``path.part``, fsynced and renamed, so it is
-    either absent or complete.  A seekable file is written in place from
-    its current position; anything else gets the file built in ``tmp_dir``
-    first, then copied.
+    either absent or complete.  A file that can be both sought and read
+    back (the hash covers meta pages written last) is written in place
+    from its current position; anything else (a pipe, a socket, a file
+    opened ``"wb"``) gets the file built in ``tmp_dir`` first, then copied.
     """
     if isinstance(target, (str, os.PathLike)):
         path = os.fspath(target)
@@ -131,7 +132,7 @@ def save(target: str | os.PathLike[str] | BinaryIO, source: Source, tmp_dir: str
             return _save_seekable(out, source)
     if not hasattr(target, "write"):
         raise TypeError(f"a snapshot goes to a path or a binary file, not {type(target).__name__}")
-    if _seekable(target):
+    if _seekable_and_readable(target):
         return _save_seekable(target, source)
     with tempfile.TemporaryFile(dir=tmp_dir, prefix=".snapshot-") as tmp:
         size = _save_seekable(tmp, source)
@@ -141,9 +142,9 @@ def save(target: str | os.PathLike[str] | BinaryIO, source: Source, tmp_dir: str
     return size
 
 
-def _seekable(f) -> bool:
+def _seekable_and_readable(f) -> bool:
     try:
-        return bool(f.seekable())
+        return bool(f.seekable() and f.readable())
     except (AttributeError, OSError, ValueError):
         return False
 

@@ -180,7 +180,7 @@ class _Writers:
                 store.defrag()
             elif job == "snapshot":
                 with open(os.devnull, "wb") as sink:
-                    store.snapshot(sink.fileno())
+                    store.snapshot(sink)
             else:
                 store.checkpoint()
 

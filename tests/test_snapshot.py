@@ -164,7 +164,8 @@ def test_round_trip_while_writes_continue(tmp_path):
 
     restored_status = restore(tmp_path / "snap.db", tmp_path / "restored")
     assert sorted(os.listdir(tmp_path / "restored")) == ["db"]
-    assert os.listdir(tmp_path / "restored" / "db") == ["data.mdb"]
+    # The restored file, and the record of it as the last synced state.
+    assert sorted(os.listdir(tmp_path / "restored" / "db")) == ["data.mdb", "synced-meta"]
     with _open(tmp_path / "restored") as store:
         assert store.revision == rev == restored_status.revision
         assert _kvs(store) == expected_kvs
@@ -613,6 +614,10 @@ def test_store_snapshot_to_a_path_a_file_or_a_stream(src, tmp_path):
     pipe = Pipe()
     assert src.snapshot(pipe) == size
     assert b"".join(pipe.parts) == by_path.read_bytes()
+    # A file opened "wb" can seek but not be read back for the hash.
+    with open(tmp_path / "wb.db", "wb") as f:
+        assert src.snapshot(f) == size
+    assert (tmp_path / "wb.db").read_bytes() == by_path.read_bytes()
     with pytest.raises(TypeError, match="a path or a binary file, not int"):
         src.snapshot(3)
 
