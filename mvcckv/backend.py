@@ -48,6 +48,7 @@ import lmdb
 
 from mvcckv import metapage
 from mvcckv.errors import StorageError
+from mvcckv.fsutil import fsync_dir
 
 KEY = b"key"
 META = b"meta"
@@ -281,14 +282,6 @@ class Backend:
             self.env.close()
             os.replace(tmp_file, self.data_file)
             self._open()
-        _fsync_dir(self.path)
+        fsync_dir(self.path)
         self._record.write([new_meta])
         self.checkpoint()
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -66,6 +66,7 @@ from mvcckv.backend import (
 )
 from mvcckv.bbolt import Reader, Writer
 from mvcckv.errors import BoltError, SnapshotError
+from mvcckv.fsutil import fsync_dir
 from mvcckv.pb import auth_pb2, kv_pb2, lease_pb2, rpc_pb2
 from mvcckv.revision import MARKED_REV_BYTES_LEN, REV_BYTES_LEN, TOMBSTONE_MARK
 
@@ -187,13 +188,6 @@ def atomic_file(path: str) -> Iterator[BinaryIO]:
     os.replace(part, path)
     fsync_dir(os.path.dirname(os.path.abspath(path)))
 
-
-def fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # --- reading ---------------------------------------------------------------

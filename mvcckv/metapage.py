@@ -50,6 +50,7 @@ from dataclasses import dataclass
 import crc32c
 
 from mvcckv.errors import BackendCorruptError
+from mvcckv.fsutil import fsync_dir
 
 log = logging.getLogger("mvcckv.backend")
 
@@ -194,7 +195,7 @@ class SyncedMeta:
         finally:
             os.close(fd)
         os.replace(tmp, self.path)
-        _fsync_dir(self.dirpath)
+        fsync_dir(self.dirpath)
 
 
 def prepare(dirpath: str, data_file: str) -> None:
@@ -259,11 +260,3 @@ def _check_newest(data_file: str, metas: list[Meta]) -> None:
     if bad:
         raise BackendCorruptError(f"backend {data_file}: meta page {bad[0]} is damaged")
     check(data_file, current)
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -31,6 +31,7 @@ import lmdb
 
 from mvcckv.backend import META_CONSISTENT_INDEX, decode_u64
 from mvcckv.errors import StorageError
+from mvcckv.fsutil import fsync_dir
 from mvcckv.wal import WAL
 
 
@@ -63,7 +64,7 @@ def repair(data_dir: str, snapshot: str | None = None) -> str:
             os.rename(db_dir, aside)
         if staging is not None:
             os.rename(os.path.join(staging, "restored", "db"), db_dir)
-        _fsync_dir(data_dir)
+        fsync_dir(data_dir)
         with Store(data_dir) as store:
             revision = store.revision
     finally:
@@ -84,13 +85,6 @@ def _consistent_index(db_dir: str) -> int:
         env.close()
     return decode_u64(ci) if ci else 0
 
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def add_parser(subparsers) -> None:

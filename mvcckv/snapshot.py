@@ -78,7 +78,8 @@ from mvcckv.backend import (
 from mvcckv.bbolt import MAGIC as _BBOLT_MAGIC
 from mvcckv.bbolt import Reader
 from mvcckv.errors import SnapshotError, StorageError
-from mvcckv.etcdfile import ALIGNMENT, HASH_SIZE, META_STORAGE_VERSION, atomic_file, fsync_dir
+from mvcckv.etcdfile import ALIGNMENT, HASH_SIZE, META_STORAGE_VERSION, atomic_file
+from mvcckv.fsutil import fsync_dir
 from mvcckv.pb import kv_pb2, rpc_pb2, rpc_pb2_grpc
 from mvcckv.revision import from_bytes, is_tombstone
 from mvcckv.store import Store
