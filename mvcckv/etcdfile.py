@@ -138,8 +138,8 @@ def save(target: str | os.PathLike[str] | BinaryIO, source: Source, tmp_dir: str
     with tempfile.TemporaryFile(dir=tmp_dir, prefix=".snapshot-") as tmp:
         size = _save_seekable(tmp, source)
         tmp.seek(0)
-        for _ in range(-(-size // _COPY_CHUNK)):
-            target.write(tmp.read(_COPY_CHUNK))
+        for chunk in read_chunks(tmp, size, "snapshot file shrank while being copied"):
+            target.write(chunk)
     return size
 
 
@@ -150,19 +150,26 @@ def _seekable_and_readable(f) -> bool:
         return False
 
 
+def read_chunks(f: BinaryIO, length: int, shrank: str) -> Iterator[bytes]:
+    """``length`` bytes from ``f``'s position, in chunks; a file that ends
+    sooner raises SnapshotError starting with ``shrank``."""
+    left = length
+    while left:
+        chunk = f.read(min(_COPY_CHUNK, left))
+        if not chunk:
+            raise SnapshotError(f"{shrank} ({length - left} of {length} bytes)")
+        yield chunk
+        left -= len(chunk)
+
+
 def _save_seekable(out: BinaryIO, source: Source) -> int:
     base = out.tell()
     size = write_database(out, source)
     # The meta pages are written last, so hash the finished file once more.
     sha = hashlib.sha256()
     out.seek(base)
-    left = size
-    while left:
-        chunk = out.read(min(_COPY_CHUNK, left))
-        if not chunk:
-            raise SnapshotError(f"snapshot file shrank while being hashed ({size - left} of {size} bytes)")
+    for chunk in read_chunks(out, size, "snapshot file shrank while being hashed"):
         sha.update(chunk)
-        left -= len(chunk)
     out.seek(base + size)
     out.write(sha.digest())
     out.truncate()
@@ -215,13 +222,8 @@ def database_length(f: BinaryIO, name: str, *, require_hash: bool, check_hash: b
     if has_hash and check_hash:
         f.seek(0)
         sha = hashlib.sha256()
-        left = data_len
-        while left:
-            chunk = f.read(min(_COPY_CHUNK, left))
-            if not chunk:
-                raise SnapshotError(f"{name}: the file shrank while being read ({data_len - left} of {data_len} bytes)")
+        for chunk in read_chunks(f, data_len, f"{name}: the file shrank while being read"):
             sha.update(chunk)
-            left -= len(chunk)
             progress(len(chunk))
         trailer = f.read(HASH_SIZE)
         if trailer != sha.digest():

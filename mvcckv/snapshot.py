@@ -78,7 +78,7 @@ from mvcckv.backend import (
 from mvcckv.bbolt import MAGIC as _BBOLT_MAGIC
 from mvcckv.bbolt import Reader
 from mvcckv.errors import SnapshotError, StorageError
-from mvcckv.etcdfile import ALIGNMENT, HASH_SIZE, META_STORAGE_VERSION, atomic_file
+from mvcckv.etcdfile import ALIGNMENT, HASH_SIZE, META_STORAGE_VERSION, atomic_file, read_chunks
 from mvcckv.fsutil import fsync_dir
 from mvcckv.pb import kv_pb2, rpc_pb2, rpc_pb2_grpc
 from mvcckv.revision import from_bytes, is_tombstone
@@ -87,7 +87,6 @@ from mvcckv.store import Store
 SNAPSHOT_CHUNK_SIZE = 32 * 1024
 """Bytes per streamed blob, as etcd sends them."""
 
-_COPY_CHUNK = 1024 * 1024
 
 # LMDB's on-disk meta page (64-bit build): a 16-byte page header, then
 # MDB_meta.  Offsets checked against files written by LMDB 0.9.
@@ -357,13 +356,8 @@ def _kind(f: BinaryIO, name: str, data_len: int) -> str:
 
 def _copy(f: BinaryIO, out: BinaryIO, length: int, name: str) -> None:
     f.seek(0)
-    left = length
-    while left:
-        chunk = f.read(min(_COPY_CHUNK, left))
-        if not chunk:
-            raise SnapshotError(f"{name}: the file shrank while being read ({length - left} of {length} bytes)")
+    for chunk in read_chunks(f, length, f"{name}: the file shrank while being read"):
         out.write(chunk)
-        left -= len(chunk)
 
 
 def _restore_lmdb(f: BinaryIO, name: str, data_len: int, db_dir: str) -> SnapshotStatus:
