@@ -540,7 +540,8 @@ REFERENCES = ("noop-aio", "noop-threads", "noop-durable", "etcd")
 
 
 def parse_reference(kind: str) -> tuple[str, dict]:
-    """'noop-threads/8/registered' -> ('noop-threads', {'workers': 8, 'handlers': 'registered'})."""
+    """'noop-threads/8/registered' -> ('noop-threads', {'workers': 8, 'handlers': 'registered'});
+    'noop-aio/uvloop' -> ('noop-aio', {'loop': 'uvloop'})."""
     base, *opts = kind.split("/")
     if base not in REFERENCES:
         raise ValueError(f"unknown reference server {kind!r}")
@@ -552,6 +553,8 @@ def parse_reference(kind: str) -> tuple[str, dict]:
             extra["workers"] = int(opt)
         elif opt in ("generic", "registered"):
             extra["handlers"] = opt
+        elif opt in ("asyncio", "uvloop") and base != "noop-threads":
+            extra["loop"] = opt
         else:
             raise ValueError(f"unknown option {opt!r} in {kind!r}")
     return base, extra
@@ -566,6 +569,8 @@ def reference_command(kind: str, port: int, datadir: str, etcd: str = "etcd",
                 "--handlers", extra.get("handlers", "generic")]
         if base == "noop-durable":
             argv += ["--log-dir", datadir]
+        if "loop" in extra:
+            argv += ["--loop", extra["loop"]]
         return argv
     if base == "etcd":
         peer = free_port()
@@ -1034,7 +1039,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reference", nargs="?", const=",".join(REFERENCES), type=_parse_references,
                    help="also start and measure reference servers: comma list of noop-aio, "
                         "noop-threads, noop-durable, etcd (default: all four); a no-op takes options after "
-                        "slashes, e.g. noop-threads/8/registered (8 workers, registered handlers)")
+                        "slashes, e.g. noop-threads/8/registered (8 workers, registered handlers), "
+                        "noop-aio/uvloop (on uvloop's event loop)")
     p.add_argument("--noop-workers", type=int, default=16, help="thread pool of noop-threads")
     p.add_argument("--value-size", type=int, default=VALUE_SIZE)
     p.add_argument("--no-pin", action="store_true", help="do not set CPU affinities")

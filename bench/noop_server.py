@@ -22,6 +22,9 @@ Three server flavours, because which one is faster is the question:
 
 and two ways to register the handlers:
 
+The aio and durable modes run on the standard library's event loop, or on
+uvloop's with ``--loop uvloop`` (what ``mvcckv serve`` runs on by default).
+
 * ``--handlers generic``     ``method_handlers_generic_handler`` (default)
 * ``--handlers registered``  ``add_registered_method_handlers``, the path
   used by code generated with grpcio-tools >= 1.63
@@ -30,6 +33,7 @@ Always binds 127.0.0.1.  Stops cleanly on SIGTERM/SIGINT.
 
     python bench/noop_server.py --port 23790 --mode threads --workers 16
     python bench/noop_server.py --port 23790 --mode durable --log-dir /tmp/noop-log
+    python bench/noop_server.py --port 23790 --mode aio --loop uvloop
 """
 
 from __future__ import annotations
@@ -197,7 +201,8 @@ def serve_threads(port: int, workers: int, how: str, responses: dict[str, bytes]
     server.stop(grace=None).wait(5)
 
 
-def serve_aio(port: int, how: str, responses: dict[str, bytes], log_dir: str | None = None) -> None:
+def serve_aio(port: int, how: str, responses: dict[str, bytes], log_dir: str | None = None,
+              loop_name: str = "asyncio") -> None:
     import asyncio
 
     async def main() -> None:
@@ -212,7 +217,7 @@ def serve_aio(port: int, how: str, responses: dict[str, bytes], log_dir: str | N
         bound = server.add_insecure_port(f"127.0.0.1:{port}")
         await server.start()
         mode = "aio" if log is None else f"durable, log in {log_dir}"
-        print(f"noop_server listening on 127.0.0.1:{bound} ({mode}, {how})", flush=True)
+        print(f"noop_server listening on 127.0.0.1:{bound} ({mode}, {how}, {loop_name} loop)", flush=True)
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
@@ -221,7 +226,14 @@ def serve_aio(port: int, how: str, responses: dict[str, bytes], log_dir: str | N
         if log is not None:
             log.close()
 
-    asyncio.run(main())
+    if loop_name == "uvloop":
+        import uvloop
+
+        factory = uvloop.new_event_loop
+    else:
+        factory = asyncio.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(main())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -232,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--handlers", choices=("generic", "registered"), default="generic")
     p.add_argument("--value-size", type=int, default=gl.VALUE_SIZE, help="value bytes in the canned Range answers")
     p.add_argument("--log-dir", help="--mode durable: directory of the put log (created; required)")
+    p.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio",
+                   help="event loop of --mode aio and durable (mvcckv serve's --event-loop)")
     args = p.parse_args(argv)
     if args.mode == "durable" and not args.log_dir:
         p.error("--mode durable needs --log-dir")
@@ -240,7 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.mode == "threads":
         serve_threads(args.port, args.workers, args.handlers, responses)
     else:
-        serve_aio(args.port, args.handlers, responses, args.log_dir if args.mode == "durable" else None)
+        serve_aio(args.port, args.handlers, responses, args.log_dir if args.mode == "durable" else None,
+                  args.loop)
     return 0
 
 

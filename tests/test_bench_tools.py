@@ -276,10 +276,13 @@ def _require_h2load() -> None:
     pytest.skip(reason)
 
 
-def test_h2load_against_noop_server(tmp_path):
+@pytest.mark.parametrize("kind", ["noop-aio", "noop-aio/uvloop"])
+def test_h2load_against_noop_server(tmp_path, kind):
     _require_h2load()
     pytest.importorskip("grpc")
-    with gl.reference_server("noop-aio", None, str(tmp_path)) as srv:
+    with gl.reference_server(kind, None, str(tmp_path)) as srv:
+        with open(srv.log_path) as log:
+            assert ("uvloop loop" if kind.endswith("uvloop") else "asyncio loop") in log.read()
         addr = gl.target_address(srv.url)
         w = gl.workloads()
         info = gl.check_workload(addr, w["range100"])

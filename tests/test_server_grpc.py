@@ -672,6 +672,17 @@ def test_several_listen_urls_and_only_those_hosts(tmp_path):
         assert f"ready to serve client requests on {srv.client_url}, http://127.0.0.2:{other}" in srv.log_text()
 
 
+@pytest.mark.parametrize("loop", [None, "asyncio"])
+def test_serves_on_either_event_loop(tmp_path, loop):
+    """uvloop by default; the standard library's loop serves the same API."""
+    with Server(tmp_path, extra_args=["--event-loop", loop] if loop else []) as srv, srv.channel() as ch:
+        kv = stub(ch, "KV")
+        put(kv, b"loop/k", b"v")
+        (got,) = kv.Range(pb.RangeRequest(key=b"loop/k"), timeout=10).kvs
+        assert got.value == b"v"
+        assert f"{loop or 'uvloop'} loop)" in srv.log_text()
+
+
 def test_flags_from_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("MVCCKV_NAME", "from-env")
     monkeypatch.setenv("MVCCKV_EMULATED_VERSION", "3.5.9")
@@ -719,7 +730,7 @@ def test_help_documents_every_flag():
     for flag in ["data-dir", "name", "listen-client-urls", "advertise-client-urls",
                  "initial-advertise-peer-urls", "initial-cluster-token", "quota-backend-bytes",
                  "max-request-bytes", "max-txn-ops", "auto-compaction-mode", "auto-compaction-retention",
-                 "log-level", "emulated-version"]:
+                 "log-level", "emulated-version", "event-loop"]:
         assert f"--{flag}" in out
         assert "MVCCKV_" + flag.upper().replace("-", "_") in out
 
@@ -732,6 +743,7 @@ def test_help_documents_every_flag():
     (["--auto-compaction-mode", "periodic", "--auto-compaction-retention", "5x"], "invalid duration"),
     (["--max-txn-ops", "many"], "not an integer"),
     (["--log-level", "loud"], "--log-level"),
+    (["--event-loop", "tokio"], "--event-loop must be one of uvloop, asyncio, not 'tokio'"),
 ])
 def test_bad_flags_are_reported(tmp_path, args, message):
     proc = _serve("--data-dir", str(tmp_path / "d"), *args)

@@ -47,6 +47,7 @@ EMULATED_VERSION = "3.6.14"
 DEFAULT_WATCH_PROGRESS_NOTIFY_INTERVAL = 600.0
 MIN_WATCH_PROGRESS_NOTIFY_INTERVAL = 0.1
 LOG_LEVELS = ("debug", "info", "warn", "error")
+EVENT_LOOPS = ("uvloop", "asyncio")
 MAX_UINT32 = 2**32 - 1
 DEFAULT_MAX_CONCURRENT_STREAMS = MAX_UINT32
 DEFAULT_GRPC_KEEPALIVE_MIN_TIME = 5.0
@@ -100,6 +101,9 @@ _FLAGS: tuple[tuple[str, str | None, str], ...] = (
      "Interval of progress notifications to watchers that asked for them (a Go duration; "
      "raised to 100ms if smaller; 0 keeps 10m)."),
     ("log-level", "info", "Log level: " + ", ".join(LOG_LEVELS) + "."),
+    ("event-loop", "uvloop",
+     "The server's event loop: 'uvloop' (libuv's, the default: it runs grpc.aio's per-call "
+     "callbacks in C) or 'asyncio' (the standard library's)."),
     ("emulated-version", EMULATED_VERSION,
      "etcd server version reported by Status (etcdctl endpoint status)."),
     ("cert-file", None, "Path to the client server TLS cert file (PEM, the chain may follow the certificate)."),
@@ -189,6 +193,7 @@ class Config:
     watch_progress_notify_interval: float = DEFAULT_WATCH_PROGRESS_NOTIFY_INTERVAL
     """Seconds between progress notifications (etcd adds 0-10 % jitter)."""
     log_level: str = "info"
+    event_loop: str = "uvloop"
     emulated_version: str = EMULATED_VERSION
     cert_file: str | None = None
     key_file: str | None = None
@@ -241,6 +246,9 @@ class Config:
         level = args.log_level.lower()
         if level not in LOG_LEVELS:
             raise ConfigError(f"--log-level must be one of {', '.join(LOG_LEVELS)}, not {args.log_level!r}")
+        event_loop = args.event_loop.lower()
+        if event_loop not in EVENT_LOOPS:
+            raise ConfigError(f"--event-loop must be one of {', '.join(EVENT_LOOPS)}, not {args.event_loop!r}")
         version = args.emulated_version
         if not re.fullmatch(r"\d+\.\d+\.\d+", version):
             raise ConfigError(f"--emulated-version must look like 3.6.14, not {version!r}")
@@ -276,6 +284,7 @@ class Config:
             auto_compaction_retention=retention,
             watch_progress_notify_interval=progress,
             log_level=level,
+            event_loop=event_loop,
             emulated_version=version,
             **tls,
             max_concurrent_streams=_uint("max-concurrent-streams", args.max_concurrent_streams, MAX_UINT32),
