@@ -120,6 +120,8 @@ __all__ = ["Generation", "KeyIndex", "RevisionNotFoundError", "TreeIndex"]
 
 _SUB_BITS = 32
 _SUB_MASK = (1 << _SUB_BITS) - 1
+# What range_packed's revisions are made of, for its callers.
+PACKED_SUB_BITS, PACKED_SUB_MASK = _SUB_BITS, _SUB_MASK
 
 # tuple.__new__(Revision, pair) skips the NamedTuple's Python-level __new__:
 # 165 ns instead of 270 ns per Revision built (timeit), paid on every get and
@@ -656,6 +658,29 @@ class TreeIndex:
                 keys.append(k)
                 revs.append(_new_tuple(Revision, (p >> _SUB_BITS, p & _SUB_MASK)))
         return keys, revs, total
+
+    def range_packed(self, key: bytes, end: bytes | None, at_main: int, limit: int = 0) -> tuple[list[int], int]:
+        """``range`` for a caller that needs only the revisions, each packed
+        as ``main << 32 | sub`` (the stored KeyValue holds its key): no key
+        list and no Revision per key, which is most of a long range's cost
+        in ``range``.  Returns ``(revisions, total)``.
+        """
+        bound = _bound(at_main)
+        found: list[int] = []
+        append = found.append
+        # SortedDict's item lookup is dict's: map runs it in C.
+        for gens in map(self._tree.__getitem__, self._span(key, end)):
+            if type(gens) is int:
+                if gens < bound:
+                    append(gens)
+            else:
+                p = _visible(gens, bound)
+                if p >= 0:
+                    append(p)
+        total = len(found)
+        if 0 < limit < total:
+            del found[limit:]
+        return found, total
 
     def range_count(self, key: bytes, end: bytes | None, at_main: int) -> int:
         """Number of keys visible at ``at_main`` in the range (Range with

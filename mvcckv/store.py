@@ -82,7 +82,7 @@ from mvcckv.backend import (
     encode_u64,
 )
 from mvcckv.hash import HASH_HISTORY, KeyValueHash, KVHasher
-from mvcckv.index import RevisionNotFoundError, TreeIndex
+from mvcckv.index import PACKED_SUB_BITS, PACKED_SUB_MASK, RevisionNotFoundError, TreeIndex
 from mvcckv.kv import (
     AUTH_KINDS,
     AUTH_REQUEST_TYPES,
@@ -238,15 +238,18 @@ class _ReadView:
             return [self._txn.get(to_bytes(mod), db=self._store._backend.key_db)], 1, cur
         if count_only:
             return [], index.range_count(key, end, rev), cur
-        _, revs, total = index.range(key, end, rev, limit)
-        if not revs:
+        packed, total = index.range_packed(key, end, rev, limit)
+        if not packed:
             return [], total, cur
         # Keys packed here, without to_bytes' checks: the index only holds
-        # valid revisions, and this loop is most of a long range's cost.
-        get = self._txn.get
-        db = self._store._backend.key_db
+        # valid revisions, and these loops are most of a long range's cost;
+        # one getmulti reads them all in one call into LMDB.
         pack = _REV_KEY.pack
-        return [get(pack(main, b"_", sub), db=db) for main, sub in revs], total, cur
+        keys = [pack(p >> PACKED_SUB_BITS, b"_", p & PACKED_SUB_MASK) for p in packed]
+        found = self._txn.cursor(db=self._store._backend.key_db).getmulti(keys)
+        if len(found) != len(keys):
+            raise errors.StorageError("the index names a revision the backend does not hold")
+        return [value for _, value in found], total, cur
 
     def lease_exists(self, lease_id: int) -> bool:
         return self._store._lease_exists(lease_id)
@@ -493,7 +496,7 @@ class Store(Admission, AuthAdmin):
     # ------------------------------------------------------------------
     # writes
 
-    def propose(self, kind: int, req, auth_revision: int = 0) -> Future:
+    def propose(self, kind: int, req, auth_revision: int = 0, data: bytes | None = None) -> Future:
         """Admit and queue a logged request; the future resolves to its response.
 
         Raises the request's error at once when it fails a static check
@@ -505,9 +508,10 @@ class Store(Admission, AuthAdmin):
         is on when it is applied, it fails with UserEmptyError.
         UserAdd and UserChangePassword must come through
         ``AuthStore.prepare`` (no plain-text password is ever logged).
+        ``data``: as in ``propose_on_loop``.
         """
         fut: Future = Future()
-        refused = self._queue_request(kind, req, auth_revision, fut, None)
+        refused = self._queue_request(kind, req, auth_revision, fut, data)
         return fut if refused is None else refused
 
     def propose_on_loop(self, kind: int, req, auth_revision: int = 0, data: bytes | None = None):

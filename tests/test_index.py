@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 import mvcckv.index
-from mvcckv.index import Generation, KeyIndex, RevisionNotFoundError, TreeIndex
+from mvcckv.index import PACKED_SUB_BITS, Generation, KeyIndex, RevisionNotFoundError, TreeIndex
 from mvcckv.revision import Revision as R
 
 NF = None  # "not found" in the tables below
@@ -546,6 +546,8 @@ def test_range(key, end, at, limit, want_keys, want_mains, want_total):
     assert idx.range_count(key, end, at) == want_total
     for k, r in zip(keys, revs):
         assert idx.get(k, at)[0] == r
+    packed, packed_total = idx.range_packed(key, end, at, limit)
+    assert packed == [r.main << PACKED_SUB_BITS | r.sub for r in revs] and packed_total == want_total
 
 
 def test_range_revisions_carry_subs():

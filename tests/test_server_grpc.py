@@ -683,6 +683,41 @@ def test_serves_on_either_event_loop(tmp_path, loop):
         assert f"{loop or 'uvloop'} loop)" in srv.log_text()
 
 
+@pytest.mark.parametrize("front", ["threads", "aio"])
+def test_either_grpc_server_serves_every_call_shape(tmp_path, front):
+    """--grpc-server threads (the default) and aio answer the same: KV on
+    threads or on the loop, errors with etcd's status, a watch stream, a
+    keep-alive stream, a server stream."""
+    with Server(tmp_path, extra_args=["--grpc-server", front]) as srv, srv.channel() as ch:
+        kv = stub(ch, "KV")
+        rev = put(kv, b"front/k", b"v").header.revision
+        assert kv.Range(pb.RangeRequest(key=b"front/", range_end=b"front0"), timeout=10).kvs[0].value == b"v"
+        txn = kv.Txn(pb.TxnRequest(compare=[pb.Compare(key=b"front/k", target=pb.Compare.VALUE,
+                                                        result=pb.Compare.EQUAL, value=b"v")],
+                                   success=[pb.RequestOp(request_delete_range=pb.DeleteRangeRequest(key=b"front/k"))]),
+                     timeout=10)
+        assert txn.succeeded and txn.header.revision == rev + 1
+        assert_error(kv.Range, pb.RangeRequest(key=b"front/k", revision=rev + 5),
+                     grpc.StatusCode.OUT_OF_RANGE, "etcdserver: mvcc: required revision is a future revision")
+
+        requests = [pb.WatchRequest(create_request=pb.WatchCreateRequest(key=b"front/w"))]
+        events = stub(ch, "Watch").Watch(iter(requests), timeout=10)
+        assert next(events).created
+        put(kv, b"front/w", b"1")
+        (event,) = next(events).events
+        assert (event.kv.key, event.kv.value) == (b"front/w", b"1")
+        events.cancel()
+
+        lease = stub(ch, "Lease")
+        granted = lease.LeaseGrant(pb.LeaseGrantRequest(TTL=30), timeout=10)
+        (alive,) = list(lease.LeaseKeepAlive(iter([pb.LeaseKeepAliveRequest(ID=granted.ID)]), timeout=10))
+        assert alive.ID == granted.ID and alive.TTL == 30
+
+        chunks = list(stub(ch, "Maintenance").Snapshot(pb.SnapshotRequest(), timeout=30))
+        assert chunks and chunks[-1].remaining_bytes == 0
+        assert "ready to serve client requests" in srv.log_text()
+
+
 def test_flags_from_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("MVCCKV_NAME", "from-env")
     monkeypatch.setenv("MVCCKV_EMULATED_VERSION", "3.5.9")
@@ -730,7 +765,7 @@ def test_help_documents_every_flag():
     for flag in ["data-dir", "name", "listen-client-urls", "advertise-client-urls",
                  "initial-advertise-peer-urls", "initial-cluster-token", "quota-backend-bytes",
                  "max-request-bytes", "max-txn-ops", "auto-compaction-mode", "auto-compaction-retention",
-                 "log-level", "emulated-version", "event-loop"]:
+                 "log-level", "emulated-version", "event-loop", "grpc-server"]:
         assert f"--{flag}" in out
         assert "MVCCKV_" + flag.upper().replace("-", "_") in out
 
@@ -744,6 +779,7 @@ def test_help_documents_every_flag():
     (["--max-txn-ops", "many"], "not an integer"),
     (["--log-level", "loud"], "--log-level"),
     (["--event-loop", "tokio"], "--event-loop must be one of uvloop, asyncio, not 'tokio'"),
+    (["--grpc-server", "nio"], "--grpc-server must be one of threads, aio, not 'nio'"),
 ])
 def test_bad_flags_are_reported(tmp_path, args, message):
     proc = _serve("--data-dir", str(tmp_path / "d"), *args)

@@ -1006,14 +1006,14 @@ def inproc(engine, tmp_path):
     async def start():
         server, _ = app.build_server(node, config)
         port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
+        await app.start_server(server)
         return server, port
 
     server, port = asyncio.run_coroutine_threadsafe(start(), loop).result(10)
     try:
         yield node, f"127.0.0.1:{port}"
     finally:
-        asyncio.run_coroutine_threadsafe(server.stop(0), loop).result(10)
+        asyncio.run_coroutine_threadsafe(app.stop_server(server, 0), loop).result(10)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
         loop.close()

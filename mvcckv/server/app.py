@@ -1,4 +1,9 @@
-"""The ``mvcckv serve`` process: one grpc.aio server in front of one store.
+"""The ``mvcckv serve`` process: one gRPC server in front of one store.
+
+The server is grpcio's thread server (``--grpc-server threads``, the
+default; ``threaded.py``): KV's Range, Put, DeleteRange and Txn run on its
+threads, every other method on the event loop; or grpc.aio's server, with
+every call on the loop (``--grpc-server aio``).
 
 Life cycle::
 
@@ -35,6 +40,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -43,7 +49,7 @@ from mvcckv import errors
 from mvcckv.pb import rpc_pb2_grpc
 from mvcckv.pb import rpc_pb2 as pb
 from mvcckv.server import compactor as compactor_mod
-from mvcckv.server import engines, httpd, tls
+from mvcckv.server import engines, httpd, threaded, tls
 from mvcckv.server.auth import AuthServicer, token_listener
 from mvcckv.server.cluster import ClusterServicer
 from mvcckv.server.config import Config, Listener
@@ -199,7 +205,7 @@ def _decoding_request(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
     left as they are.
     """
     parse = handler.request_deserializer
-    if handler.request_streaming or parse is None:
+    if handler.request_streaming or parse is None or not threaded.is_async(handler):
         return handler
     if handler.response_streaming:
         behavior = handler.unary_stream
@@ -295,16 +301,31 @@ def build_guard(node: Node, config: Config) -> Guard:
 
 
 def build_server(node: Node, config: Config,
-                 metrics: Metrics | None = None) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
+                 metrics: Metrics | None = None) -> tuple[grpc.Server | grpc.aio.Server, health.aio.HealthServicer]:
+    """The gRPC server ``--grpc-server`` names (``threaded.py``), with
+    every service; the caller binds and starts it."""
+    methods, health_servicer = build_services(node, config, threads=config.grpc_server == "threads")
+    if config.grpc_server == "threads":
+        # The metrics counters wrap each handler before it is bridged, so
+        # they see the calls the dispatcher's metadata checks refuse too.
+        bridge = threaded.Bridge(methods, asyncio.get_running_loop(),
+                                 metrics.grpc.wrap if metrics is not None else None)
+        return threaded.new_server(grpc_options(config), bridge), health_servicer
     # The metrics interceptor, when there is one, sees every call before the
     # dispatcher's metadata checks, so it counts the calls they refuse too.
     interceptors = [metrics.grpc] if metrics is not None else None
     server = grpc.aio.server(options=grpc_options(config), interceptors=interceptors)
+    server.add_generic_rpc_handlers((methods,))
+    return server, health_servicer
+
+
+def build_services(node: Node, config: Config, threads: bool) -> tuple[Dispatcher, health.aio.HealthServicer]:
     methods = Dispatcher()
     guard = build_guard(node, config)
     kv = KVServicer(node, guard)
     rpc_pb2_grpc.add_KVServicer_to_server(kv, methods)
-    methods.add_registered_method_handlers("etcdserverpb.KV", kv.raw_handlers())
+    methods.add_registered_method_handlers("etcdserverpb.KV",
+                                           kv.threaded_handlers() if threads else kv.raw_handlers())
     node.store.watch_hub.progress_interval = config.watch_progress_notify_interval
     watch = WatchServicer(node, config.max_request_bytes + GRPC_OVERHEAD_BYTES, guard)
     rpc_pb2_grpc.add_WatchServicer_to_server(watch, methods)
@@ -315,8 +336,7 @@ def build_server(node: Node, config: Config,
     rpc_pb2_grpc.add_AuthServicer_to_server(AuthServicer(node, guard), methods)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, methods)
-    server.add_generic_rpc_handlers((methods,))
-    return server, health_servicer
+    return methods, health_servicer
 
 
 def start_compactor(node: Node, config: Config, clock=None) -> asyncio.Task | None:
@@ -390,7 +410,7 @@ async def serve(config: Config) -> int:
             loopback = httpd.Loopback()
             if server.add_insecure_port(loopback.target) == 0:
                 raise BindError(f"cannot listen on the gateway's unix socket {loopback.path}")
-        await server.start()
+        await start_server(server)
         await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
         if loopback is not None:
             http = httpd.HttpServer(node, metrics, loopback.channel(), config.max_request_bytes)
@@ -422,11 +442,27 @@ async def serve(config: Config) -> int:
             # Before the gRPC server: the gateway's calls are its clients.
             await http.stop()
         if server is not None:
-            await server.stop(GRACE_SECONDS)
+            await stop_server(server, GRACE_SECONDS)
         if loopback is not None:
             loopback.remove()
         await asyncio.to_thread(node.store.close)
         log.info("stopped")
+
+
+async def start_server(server) -> None:
+    started = server.start()
+    if started is not None:  # grpc.aio's start is a coroutine
+        await started
+
+
+async def stop_server(server, grace: float) -> None:
+    stopped = server.stop(grace)
+    if isinstance(stopped, threading.Event):  # the thread server's
+        # The loop keeps running meanwhile: calls in their grace period may
+        # still need it (everything but KV's four methods runs there).
+        await asyncio.to_thread(stopped.wait)
+    else:
+        await stopped
 
 
 def configure_logging(level: str) -> None:

@@ -48,6 +48,7 @@ DEFAULT_WATCH_PROGRESS_NOTIFY_INTERVAL = 600.0
 MIN_WATCH_PROGRESS_NOTIFY_INTERVAL = 0.1
 LOG_LEVELS = ("debug", "info", "warn", "error")
 EVENT_LOOPS = ("uvloop", "asyncio")
+GRPC_SERVERS = ("threads", "aio")
 MAX_UINT32 = 2**32 - 1
 DEFAULT_MAX_CONCURRENT_STREAMS = MAX_UINT32
 DEFAULT_GRPC_KEEPALIVE_MIN_TIME = 5.0
@@ -101,6 +102,10 @@ _FLAGS: tuple[tuple[str, str | None, str], ...] = (
      "Interval of progress notifications to watchers that asked for them (a Go duration; "
      "raised to 100ms if smaller; 0 keeps 10m)."),
     ("log-level", "info", "Log level: " + ", ".join(LOG_LEVELS) + "."),
+    ("grpc-server", "threads",
+     "How gRPC calls are run: 'threads' (the default: KV's Range, Put, DeleteRange and Txn on a "
+     "pool of server threads, the other methods and the streams on the event loop) or 'aio' "
+     "(every call on the event loop, grpc.aio's server)."),
     ("event-loop", "uvloop",
      "The server's event loop: 'uvloop' (libuv's, the default: it runs grpc.aio's per-call "
      "callbacks in C) or 'asyncio' (the standard library's)."),
@@ -194,6 +199,7 @@ class Config:
     """Seconds between progress notifications (etcd adds 0-10 % jitter)."""
     log_level: str = "info"
     event_loop: str = "uvloop"
+    grpc_server: str = "threads"
     emulated_version: str = EMULATED_VERSION
     cert_file: str | None = None
     key_file: str | None = None
@@ -249,6 +255,9 @@ class Config:
         event_loop = args.event_loop.lower()
         if event_loop not in EVENT_LOOPS:
             raise ConfigError(f"--event-loop must be one of {', '.join(EVENT_LOOPS)}, not {args.event_loop!r}")
+        grpc_server = args.grpc_server.lower()
+        if grpc_server not in GRPC_SERVERS:
+            raise ConfigError(f"--grpc-server must be one of {', '.join(GRPC_SERVERS)}, not {args.grpc_server!r}")
         version = args.emulated_version
         if not re.fullmatch(r"\d+\.\d+\.\d+", version):
             raise ConfigError(f"--emulated-version must look like 3.6.14, not {version!r}")
@@ -285,6 +294,7 @@ class Config:
             watch_progress_notify_interval=progress,
             log_level=level,
             event_loop=event_loop,
+            grpc_server=grpc_server,
             emulated_version=version,
             **tls,
             max_concurrent_streams=_uint("max-concurrent-streams", args.max_concurrent_streams, MAX_UINT32),

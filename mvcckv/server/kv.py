@@ -28,7 +28,7 @@ from mvcckv.pb import rpc_pb2 as pb
 from mvcckv.pb import rpc_pb2_grpc
 from mvcckv.server.guard import Guard
 from mvcckv.server.node import Node
-from mvcckv.server.rpctypes import rpc, unmarshal
+from mvcckv.server.rpctypes import rpc, rpc_threaded, unmarshal, unmarshal_threaded
 from mvcckv.store import KIND_COMPACT, KIND_DELETE_RANGE, KIND_PUT, KIND_TXN
 from mvcckv.validate import txn_is_read_only
 
@@ -52,6 +52,59 @@ class KVServicer(rpc_pb2_grpc.KVServicer):
             "Range": grpc.unary_unary_rpc_method_handler(self.Range),
             "Put": grpc.unary_unary_rpc_method_handler(self.Put),
         }
+
+    def threaded_handlers(self) -> dict[str, grpc.RpcMethodHandler]:
+        """Range, Put, DeleteRange and Txn as handlers that run on a server
+        thread (``--grpc-server threads``, ``threaded.py``): a read runs
+        there, a write blocks its thread until it is durable."""
+        return {
+            "Range": grpc.unary_unary_rpc_method_handler(self.range_threaded),
+            "Put": grpc.unary_unary_rpc_method_handler(self.put_threaded),
+            "DeleteRange": grpc.unary_unary_rpc_method_handler(self.delete_range_threaded),
+            "Txn": grpc.unary_unary_rpc_method_handler(self.txn_threaded),
+        }
+
+    @rpc_threaded
+    def range_threaded(self, raw: bytes, context) -> bytes:
+        request = unmarshal_threaded(_parse_range, raw, context)
+        checked = self._guard.range(context, request)
+        if self._range_raw is not None:
+            answer = self._range_raw(request)
+            if answer is not None:
+                kvs, more, count, revision = answer
+                if checked:
+                    self._guard.settled(checked)
+                return wire.range_response(self._node.header_bytes(revision), kvs, more, count)
+        return self._read_threaded(self._store.range_request, request, checked).SerializeToString()
+
+    @rpc_threaded
+    def put_threaded(self, raw: bytes, context) -> bytes:
+        request = unmarshal_threaded(_parse_put, raw, context)
+        resp = self._node.write_blocking(KIND_PUT, request, self._guard.put(context, request), raw)
+        return resp.SerializeToString()
+
+    @rpc_threaded
+    def delete_range_threaded(self, raw: bytes, context) -> bytes:
+        request = unmarshal_threaded(_parse_delete_range, raw, context)
+        checked = self._guard.delete_range(context, request)
+        return self._node.write_blocking(KIND_DELETE_RANGE, request, checked).SerializeToString()
+
+    @rpc_threaded
+    def txn_threaded(self, raw: bytes, context) -> bytes:
+        request = unmarshal_threaded(_parse_txn, raw, context)
+        if txn_is_read_only(request):
+            checked = self._guard.read_txn(context, request)
+            resp = self._read_threaded(self._store.txn_request, request, checked)
+        else:
+            resp = self._node.write_blocking(KIND_TXN, request, self._guard.txn(context, request))
+        return resp.SerializeToString()
+
+    def _read_threaded(self, fn, request, checked: int):
+        resp = fn(request)
+        if checked:
+            self._guard.settled(checked)
+        self._node.fill(resp.header)
+        return resp
 
     @rpc
     async def Range(self, raw: bytes, context) -> bytes:
@@ -108,3 +161,5 @@ class KVServicer(rpc_pb2_grpc.KVServicer):
 
 _parse_range = pb.RangeRequest.FromString
 _parse_put = pb.PutRequest.FromString
+_parse_delete_range = pb.DeleteRangeRequest.FromString
+_parse_txn = pb.TxnRequest.FromString

@@ -57,6 +57,7 @@ from __future__ import annotations
 import inspect
 import os
 import resource
+import threading
 from collections import defaultdict
 
 import grpc
@@ -119,6 +120,9 @@ class GrpcMetrics(grpc.aio.ServerInterceptor):
         self.sent: dict[str, int] = defaultdict(int)
         self.received_bytes = 0
         self.sent_bytes = 0
+        # Held by thread handlers' counting (``wrap``); the loop's own
+        # counting does not take it, and counts other methods.
+        self._lock = threading.Lock()
         # method -> (the handler it was made from, the counting handler)
         self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
@@ -133,6 +137,41 @@ class GrpcMetrics(grpc.aio.ServerInterceptor):
         wrapped = self._wrap(method, handler)
         self._wrapped[method] = (handler, wrapped)
         return wrapped
+
+    def wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        """``handler`` counted, for a server without interceptors (the
+        thread server's ``threaded.Bridge``): an asyncio handler as the
+        interceptor would count it, a thread one (KV's unary methods) by
+        the same rules, under a lock since server threads run at once."""
+        fn = (handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream)
+        if inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn):
+            return self._wrap(method, handler)
+        if handler.request_streaming or handler.response_streaming:
+            raise ValueError(f"{method}: a streaming thread handler cannot be counted")
+        started, handled, received, sent, lock = self.started, self.handled, self.received, self.sent, self._lock
+
+        def unary(request, context):
+            with lock:
+                started[method] += 1
+                received[method] += 1
+                if type(request) is bytes:
+                    self.received_bytes += len(request)
+            try:
+                resp = fn(request, context)
+            except BaseException:
+                with lock:
+                    handled[(method, _code(context, "Unknown"))] += 1
+                raise
+            code = _code(context, "OK")
+            with lock:
+                handled[(method, code)] += 1
+                if code == "OK":
+                    sent[method] += 1
+                    self.sent_bytes += _size(resp)
+            return resp
+
+        return grpc.unary_unary_rpc_method_handler(unary, request_deserializer=handler.request_deserializer,
+                                                   response_serializer=handler.response_serializer)
 
     def unary_done(self, method: str, code: grpc.StatusCode, received_bytes: int, sent_bytes: int) -> None:
         self.started[method] += 1
@@ -228,8 +267,9 @@ class GrpcMetrics(grpc.aio.ServerInterceptor):
         return make(run, **options)
 
     def collect(self):
-        started, handled, received, sent = (dict(self.started), dict(self.handled),
-                                            dict(self.received), dict(self.sent))
+        with self._lock:  # thread handlers count while this copies
+            started, handled, received, sent = (dict(self.started), dict(self.handled),
+                                                dict(self.received), dict(self.sent))
         labels = ["grpc_type", "grpc_service", "grpc_method"]
         families = {
             "started": CounterMetricFamily("grpc_server_started_total",

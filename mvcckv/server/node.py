@@ -76,6 +76,23 @@ class Node:
         self.fill(resp.header)
         return resp
 
+    def write_blocking(self, kind: int, request, auth_revision: int = 0, data: bytes | None = None):
+        """``write`` for a caller on a server thread: blocks that thread
+        (never the event loop) until the answer is durable."""
+        if data is not None and self._logs_raw:
+            fut = self.store.propose(kind, request, auth_revision, data)
+        else:
+            fut = self.store.propose(kind, request, auth_revision=auth_revision)
+        resp = fut.result()
+        self.fill(resp.header)
+        return resp
+
+    @property
+    def _logs_raw(self) -> bool:
+        # An engine that logs a request's bytes as they arrived says so by
+        # taking them on the loop too (Store.propose_on_loop).
+        return self._propose_on_loop is not None
+
     @property
     def _propose_on_loop(self):
         # An engine that answers asyncio futures itself, a batch per loop

@@ -159,6 +159,39 @@ async def unmarshal(parse, raw: bytes, context):
         await context.abort(Code.INTERNAL, f"grpc: error unmarshalling request: {err}")
 
 
+def unmarshal_threaded(parse, raw: bytes, context):
+    """``unmarshal`` for a handler on a server thread (``threaded.py``)."""
+    try:
+        return parse(raw)
+    except DecodeError as err:
+        context.abort(Code.INTERNAL, f"grpc: error unmarshalling request: {err}")
+
+
+def rpc_threaded(method):
+    """``rpc`` for a handler that runs on a server thread: the same status
+    for every error, set with the thread context's (raising) ``abort``."""
+
+    @functools.wraps(method)
+    def handler(self, request, context):
+        try:
+            return method(self, request, context)
+        except errors.MvccError as err:
+            context.abort(status_code(err), str(err))
+        except Exception as err:  # noqa: BLE001 - answer INTERNAL, keep serving
+            if _is_abort(err):
+                raise
+            log.exception("%s failed", method.__qualname__)
+            context.abort(Code.INTERNAL, f"mvcckv: internal error: {type(err).__name__}: {err}")
+
+    return handler
+
+
+def _is_abort(err: BaseException) -> bool:
+    # grpcio's thread server aborts a call by raising a bare Exception from
+    # context.abort, after it has recorded the status on the call.
+    return type(err) is Exception and not err.args
+
+
 def rpc(method):
     """Decorate a servicer coroutine so that every error becomes a status.
 
