@@ -590,7 +590,8 @@ def report(results: dict[str, dict], args, pin_note: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--servers", default="mvcckv,etcd", help="comma list of mvcckv, etcd")
+    p.add_argument("--servers", default="mvcckv,etcd",
+                   help="comma list of mvcckv, etcd; mvcckv/aio is mvcckv serve --grpc-server aio")
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--puts", type=int, default=300, help="puts per run, 1 watcher")
     p.add_argument("--many-puts", type=int, default=30, help="puts per run, many watchers")
@@ -618,9 +619,11 @@ def main(argv: list[str] | None = None) -> int:
                 if server_cpus else "no CPU pinning")
     results: dict[str, dict] = {}
     for name in [s.strip() for s in args.servers.split(",") if s.strip()]:
-        cls = {"mvcckv": MvcckvProcess, "etcd": EtcdProcess}[name]
+        # mvcckv/aio: mvcckv serve --grpc-server aio
+        base, _, front = name.partition("/")
+        cls = {"mvcckv": MvcckvProcess, "etcd": EtcdProcess}[base]
         label = "etcd 3.4.23" if name == "etcd" else name
-        with cls() as srv:
+        with (cls(extra_args=["--grpc-server", front]) if front else cls()) as srv:
             results[label] = bench_server(label, srv, server_cpus, args)
     print(report(results, args, pin_note))
     return 0
