@@ -1,8 +1,9 @@
 """The ``mvcckv serve`` process: one gRPC server in front of one store.
 
 The server is grpcio's thread server (``--grpc-server threads``, the
-default; ``threaded.py``): KV's Range, Put, DeleteRange and Txn run on its
-threads, every other method on the event loop; or grpc.aio's server, with
+default; ``threaded.py``): KV's Range, Put, DeleteRange and Txn and
+Lease's Grant and Revoke run on its threads, every other method on the
+event loop; or grpc.aio's server, with
 every call on the loop (``--grpc-server aio``).
 
 Life cycle::
@@ -330,7 +331,10 @@ def build_services(node: Node, config: Config, threads: bool) -> tuple[Dispatche
     watch = WatchServicer(node, config.max_request_bytes + GRPC_OVERHEAD_BYTES, guard)
     rpc_pb2_grpc.add_WatchServicer_to_server(watch, methods)
     methods.add_registered_method_handlers("etcdserverpb.Watch", watch.raw_handlers())
-    rpc_pb2_grpc.add_LeaseServicer_to_server(LeaseServicer(node, guard), methods)
+    lease = LeaseServicer(node, guard)
+    rpc_pb2_grpc.add_LeaseServicer_to_server(lease, methods)
+    if threads:
+        methods.add_registered_method_handlers("etcdserverpb.Lease", lease.threaded_handlers())
     rpc_pb2_grpc.add_MaintenanceServicer_to_server(MaintenanceServicer(node, guard), methods)
     rpc_pb2_grpc.add_ClusterServicer_to_server(ClusterServicer(node, guard), methods)
     rpc_pb2_grpc.add_AuthServicer_to_server(AuthServicer(node, guard), methods)
@@ -459,7 +463,7 @@ async def stop_server(server, grace: float) -> None:
     stopped = server.stop(grace)
     if isinstance(stopped, threading.Event):  # the thread server's
         # The loop keeps running meanwhile: calls in their grace period may
-        # still need it (everything but KV's four methods runs there).
+        # still need it (everything but the thread handlers runs there).
         await asyncio.to_thread(stopped.wait)
     else:
         await stopped

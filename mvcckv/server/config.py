@@ -103,7 +103,7 @@ _FLAGS: tuple[tuple[str, str | None, str], ...] = (
      "raised to 100ms if smaller; 0 keeps 10m)."),
     ("log-level", "info", "Log level: " + ", ".join(LOG_LEVELS) + "."),
     ("grpc-server", "threads",
-     "How gRPC calls are run: 'threads' (the default: KV's Range, Put, DeleteRange and Txn on a "
+     "How gRPC calls are run: 'threads' (the default: KV's Range, Put, DeleteRange and Txn and Lease's Grant and Revoke on a "
      "pool of server threads, the other methods and the streams on the event loop) or 'aio' "
      "(every call on the event loop, grpc.aio's server)."),
     ("event-loop", "uvloop",

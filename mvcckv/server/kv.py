@@ -68,13 +68,9 @@ class KVServicer(rpc_pb2_grpc.KVServicer):
     def range_threaded(self, raw: bytes, context) -> bytes:
         request = unmarshal_threaded(_parse_range, raw, context)
         checked = self._guard.range(context, request)
-        if self._range_raw is not None:
-            answer = self._range_raw(request)
-            if answer is not None:
-                kvs, more, count, revision = answer
-                if checked:
-                    self._guard.settled(checked)
-                return wire.range_response(self._node.header_bytes(revision), kvs, more, count)
+        spliced = self._spliced(request, checked)
+        if spliced is not None:
+            return spliced
         return self._read_threaded(self._store.range_request, request, checked).SerializeToString()
 
     @rpc_threaded
@@ -99,6 +95,19 @@ class KVServicer(rpc_pb2_grpc.KVServicer):
             resp = self._node.write_blocking(KIND_TXN, request, self._guard.txn(context, request))
         return resp.SerializeToString()
 
+    def _spliced(self, request: pb.RangeRequest, checked: int) -> bytes | None:
+        """The answer spliced from stored bytes, when the engine can give
+        them for this request (``range_raw``); else None."""
+        if self._range_raw is None:
+            return None
+        answer = self._range_raw(request)
+        if answer is None:
+            return None
+        kvs, more, count, revision = answer
+        if checked:
+            self._guard.settled(checked)
+        return wire.range_response(self._node.header_bytes(revision), kvs, more, count)
+
     def _read_threaded(self, fn, request, checked: int):
         resp = fn(request)
         if checked:
@@ -110,13 +119,9 @@ class KVServicer(rpc_pb2_grpc.KVServicer):
     async def Range(self, raw: bytes, context) -> bytes:
         request = await unmarshal(_parse_range, raw, context)
         checked = self._guard.range(context, request)
-        if self._range_raw is not None:
-            answer = self._range_raw(request)
-            if answer is not None:
-                kvs, more, count, revision = answer
-                if checked:
-                    self._guard.settled(checked)
-                return wire.range_response(self._node.header_bytes(revision), kvs, more, count)
+        spliced = self._spliced(request, checked)
+        if spliced is not None:
+            return spliced
         if self._range_async is not None:
             resp = await self._range_async(request)
             if checked:

@@ -6,9 +6,10 @@ calls on it, and a no-op whose puts wait for a group-committed fdatasync
 answered 2x as many puts at 16 clients, where on grpc.aio such puts did not
 grow with concurrency at all (``bench/noop_server.py``, ``grpc_load.py``).
 So the calls clients make most run here on the server's threads: KV's
-Range, Put, DeleteRange and Txn (``KVServicer.threaded_handlers``) read the
-store and block their thread on a write's future; the writer's group commit
-then answers a whole batch of blocked threads at once.
+Range, Put, DeleteRange and Txn, and Lease's Grant and Revoke
+(``threaded_handlers``), read the store and block their thread on a
+write's future; the writer's group commit then answers a whole batch of
+blocked threads at once.
 
 Every other method keeps its asyncio servicer and runs on the event loop,
 bridged by ``Bridge``: a unary call is one hop to the loop and back; a
