@@ -325,8 +325,11 @@ def build_services(node: Node, config: Config, threads: bool) -> tuple[Dispatche
     guard = build_guard(node, config)
     kv = KVServicer(node, guard)
     rpc_pb2_grpc.add_KVServicer_to_server(kv, methods)
-    methods.add_registered_method_handlers("etcdserverpb.KV",
-                                           kv.threaded_handlers() if threads else kv.raw_handlers())
+    methods.add_registered_method_handlers("etcdserverpb.KV", kv.raw_handlers())
+    if threads:
+        # Over the raw ones: what an engine cannot serve on a thread
+        # (PostgreSQL's async Range) stays raw, on the loop.
+        methods.add_registered_method_handlers("etcdserverpb.KV", kv.threaded_handlers())
     node.store.watch_hub.progress_interval = config.watch_progress_notify_interval
     watch = WatchServicer(node, config.max_request_bytes + GRPC_OVERHEAD_BYTES, guard)
     rpc_pb2_grpc.add_WatchServicer_to_server(watch, methods)

@@ -57,12 +57,18 @@ class KVServicer(rpc_pb2_grpc.KVServicer):
         """Range, Put, DeleteRange and Txn as handlers that run on a server
         thread (``--grpc-server threads``, ``threaded.py``): a read runs
         there, a write blocks its thread until it is durable."""
-        return {
+        handlers = {
             "Range": grpc.unary_unary_rpc_method_handler(self.range_threaded),
             "Put": grpc.unary_unary_rpc_method_handler(self.put_threaded),
             "DeleteRange": grpc.unary_unary_rpc_method_handler(self.delete_range_threaded),
             "Txn": grpc.unary_unary_rpc_method_handler(self.txn_threaded),
         }
+        if self._range_async is not None:
+            # An engine with an async Range (PostgreSQL: one pipelined
+            # statement on the loop's connections) keeps it: its blocking
+            # range_request takes a transaction and several statements.
+            del handlers["Range"]
+        return handlers
 
     @rpc_threaded
     def range_threaded(self, raw: bytes, context) -> bytes:
