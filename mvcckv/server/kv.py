@@ -1,8 +1,12 @@
 """etcd's KV service: Range, Put, DeleteRange, Txn, Compact.
 
-Reads run on the event loop (the store answers them from memory and the
-page cache without waiting on a write); writes are proposed to the store's
-writer thread and awaited, so the loop never waits for an fsync.  A Txn
+On the thread front end (``threaded.py``, the default) Range, Put,
+DeleteRange and Txn run on a server thread: a read there, a write blocking
+only its thread until it is durable (``threaded_handlers``).  On grpc.aio,
+and for Compact, reads run on the event loop (the store answers them from
+memory and the page cache without waiting on a write); writes are proposed
+to the store's writer thread and awaited, so the loop never waits for an
+fsync.  A Txn
 without writes is a read.  The engine fills ``header.revision`` (and the
 inner headers of a txn); we add the identity to the top-level header.
 
