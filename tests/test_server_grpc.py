@@ -683,6 +683,19 @@ def test_serves_on_either_event_loop(tmp_path, loop):
         assert f"{loop or 'uvloop'} loop)" in srv.log_text()
 
 
+@pytest.mark.parametrize("args, want", [
+    ([], "threads"),
+    (["--backend", "postgresql://127.0.0.1/x"], "aio"),
+    (["--backend", "postgresql://127.0.0.1/x", "--grpc-server", "threads"], "threads"),
+    (["--grpc-server", "aio"], "aio"),
+])
+def test_grpc_server_auto_picks_by_engine(args, want):
+    from mvcckv.cli import build_parser
+    from mvcckv.server.config import Config
+
+    assert Config.from_args(build_parser().parse_args(["serve", *args])).grpc_server == want
+
+
 @pytest.mark.parametrize("front", ["threads", "aio"])
 def test_either_grpc_server_serves_every_call_shape(tmp_path, front):
     """--grpc-server threads (the default) and aio answer the same: KV on
@@ -715,7 +728,7 @@ def test_either_grpc_server_serves_every_call_shape(tmp_path, front):
 
         chunks = list(stub(ch, "Maintenance").Snapshot(pb.SnapshotRequest(), timeout=30))
         assert chunks and chunks[-1].remaining_bytes == 0
-        assert "ready to serve client requests" in srv.log_text()
+        assert f"{front} gRPC server" in srv.log_text()
 
 
 def test_flags_from_environment(tmp_path, monkeypatch):
@@ -779,7 +792,7 @@ def test_help_documents_every_flag():
     (["--max-txn-ops", "many"], "not an integer"),
     (["--log-level", "loud"], "--log-level"),
     (["--event-loop", "tokio"], "--event-loop must be one of uvloop, asyncio, not 'tokio'"),
-    (["--grpc-server", "nio"], "--grpc-server must be one of threads, aio, not 'nio'"),
+    (["--grpc-server", "nio"], "--grpc-server must be one of auto, threads, aio, not 'nio'"),
 ])
 def test_bad_flags_are_reported(tmp_path, args, message):
     proc = _serve("--data-dir", str(tmp_path / "d"), *args)

@@ -1,10 +1,10 @@
 """The ``mvcckv serve`` process: one gRPC server in front of one store.
 
 The server is grpcio's thread server (``--grpc-server threads``, the
-default; ``threaded.py``): KV's Range, Put, DeleteRange and Txn and
+default with the LMDB store; ``threaded.py``): KV's Range, Put, DeleteRange and Txn and
 Lease's Grant and Revoke run on its threads, every other method on the
 event loop; or grpc.aio's server, with
-every call on the loop (``--grpc-server aio``).
+every call on the loop (``--grpc-server aio``, the default with PostgreSQL).
 
 Life cycle::
 
@@ -430,9 +430,10 @@ async def serve(config: Config) -> int:
                 log.info("serving /metrics and /health on %s", ", ".join(metrics_urls))
         comp_task = start_compactor(node, config)
         log.info(
-            "ready to serve client requests on %s (name %s, member %x, cluster %x, %s, etcd %s, %s loop)",
+            "ready to serve client requests on %s (name %s, member %x, cluster %x, %s, etcd %s, %s gRPC server, "
+            "%s loop)",
             ", ".join(urls), node.name, node.member_id, node.cluster_id, backend.where(config), node.version,
-            config.event_loop,
+            config.grpc_server, config.event_loop,
         )
         await stop.wait()
         log.info("received %s: stopping (in-flight requests get %.0f s)", signals[0], GRACE_SECONDS)
