@@ -501,7 +501,12 @@ def _crash_loop(tmp_path: Path, kills: int, budget: float, power=None, plan=_kil
             for snap in (snap_a, snap_b):
                 shutil.rmtree(snap, ignore_errors=True)
                 shutil.copytree(data, snap)
-            _check_kill(where, snap_a, snap_b, ref, model, log)
+            try:
+                _check_kill(where, snap_a, snap_b, ref, model, log)
+            except Exception as e:
+                # Rerun with CRASH_SEED to replay the same kills.
+                e.add_note(f"crash loop: {where}")
+                raise
     finally:
         ref.close()
     print(
