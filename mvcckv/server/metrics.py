@@ -66,6 +66,7 @@ from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 from mvcckv.pb import rpc_pb2 as pb
+from mvcckv.server import threaded
 from mvcckv.server.node import Node
 from mvcckv.store import DEFAULT_QUOTA
 
@@ -143,9 +144,9 @@ class GrpcMetrics(grpc.aio.ServerInterceptor):
         thread server's ``threaded.Bridge``): an asyncio handler as the
         interceptor would count it, a thread one (KV's unary methods) by
         the same rules, under a lock since server threads run at once."""
-        fn = (handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream)
-        if inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn):
+        if threaded.is_async(handler):
             return self._wrap(method, handler)
+        fn = threaded.behavior(handler)
         if handler.request_streaming or handler.response_streaming:
             raise ValueError(f"{method}: a streaming thread handler cannot be counted")
         started, handled, received, sent, lock = self.started, self.handled, self.received, self.sent, self._lock

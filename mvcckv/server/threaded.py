@@ -73,17 +73,8 @@ class LoopContext:
     def auth_context(self):
         return self._context.auth_context()
 
-    def peer(self) -> str:
-        return self._context.peer()
-
-    def time_remaining(self):
-        return self._context.time_remaining()
-
     def code(self):
         return self.status[0] if self.status is not None else self._context.code()
-
-    def done(self) -> bool:
-        return not self._context.is_active()
 
     async def abort(self, code: grpc.StatusCode, details: str = "", trailing_metadata=()):
         if trailing_metadata:
@@ -287,5 +278,4 @@ def bridge(handler: grpc.RpcMethodHandler, loop: asyncio.AbstractEventLoop) -> g
 
 def new_server(options, bridge_handler: Bridge) -> grpc.Server:
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=MAX_THREADS, thread_name_prefix="mvcckv-grpc")
-    server = grpc.server(pool, handlers=(bridge_handler,), options=options)
-    return server
+    return grpc.server(pool, handlers=(bridge_handler,), options=options)
