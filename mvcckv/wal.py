@@ -69,12 +69,13 @@ segment (``[n]`` valid record ``n``, ``##`` bad bytes, ``00`` zeros)::
     [7]##[9]             record 8 bad, 9 valid after it: WALCorruptError;
                          the log cannot know that 9 was not
                          acknowledged, so it refuses rather than drop it
-    [7]0000[9]           the same, unless the zeros fill a whole aligned
-                         512-byte sector: then a page of 8 never reached
-                         the disk while a later one (9) did -- torn
-                         writeback of data never synced, since the sync
-                         that would have acknowledged 9 covers 8's page
-                         too: cut after 7, log a warning
+    [7]0000[9]           the same, unless the zeros run from where 8
+                         starts, or from a sector boundary inside it, to
+                         the next 512-byte sector boundary: then a sector
+                         of 8 never reached the disk while a later one (9)
+                         did -- torn writeback of data never synced, since
+                         the sync that would have acknowledged 9 covers
+                         8's sector too: cut after 7, log a warning
 
 A valid record after a bad one is found by testing every byte offset after
 the bad record (so a corrupted ``length`` field cannot hide its successors),
@@ -246,34 +247,46 @@ def _scan_segment(path: str, first: int, is_last: bool) -> tuple[int, int, int]:
             raise WALCorruptError(f"{where} (not the last segment, so not a torn tail)") from None
         following = _find_valid_record(data, mv, bad.offset + 1, expect - 1)
         if following is not None:
-            if not _has_zero_sector(data, bad.offset, following):
+            later = _HEADER.unpack_from(data, following)[2] > expect
+            if not _torn_writeback(data, bad.offset, following, later):
                 raise WALCorruptError(
                     f"{where}, and a valid record follows at offset {following}"
                 ) from None
             logger.warning(
-                "%s: a zero-filled sector before the valid record at offset %d: torn writeback "
+                "%s: zeros up to a sector boundary before the valid record at offset %d: torn writeback "
                 "of records never synced; cutting from offset %d", where, following, bad.offset,
             )
     return expect - 1, pos, len(data)
 
 
-def _has_zero_sector(data: bytes, start: int, end: int) -> bool:
-    """Whether ``data[start:end]`` holds a whole zero-filled 512-byte sector.
+def _torn_writeback(data: bytes, start: int, end: int, later: bool) -> bool:
+    """Whether the bad bytes ``data[start:end]`` before a valid record are
+    what torn writeback leaves: a sector of unsynced data that never
+    reached the disk while a later one did.
 
-    Such a sector in the last segment is a page that never reached the disk
-    (appended space reads as zeros until it is written back), and the page
-    cache writes pages back in any order, so later records may have made
-    it while it did not.  None of them was acknowledged: the fdatasync that
-    would have acknowledged the later ones covers the missing page too.
-    (etcd's WAL tells a torn entry from corruption the same way.)
+    A sector the disk never got holds what it held before: zeros past the
+    old end of the file, up to the sector's end.  So the bad span is cut
+    into pieces at sector boundaries, the first starting at the bad
+    record (``start``), and the tear is recognised when a piece that ends
+    on a boundary is all zeros -- etcd's ``isTornEntry`` rule, which splits
+    a bad record the same way.  ``later`` must hold too: the valid record
+    that follows has a later index than the one expected at ``start``,
+    because a writer that appends in order put the expected record at
+    ``start``; finding it further on means bytes were inserted, not lost.
+
+    None of the records from ``start`` on was acknowledged: the fdatasync
+    that would have acknowledged the later record covers the lost sector.
     """
-    zero = bytes(_SECTOR)
-    sector = -(-start // _SECTOR) * _SECTOR
-    while sector + _SECTOR <= end:
-        if data[sector : sector + _SECTOR] == zero:
+    if not later:
+        return False
+    pos = start
+    while True:
+        boundary = (pos // _SECTOR + 1) * _SECTOR
+        if boundary > end:
+            return False
+        if data.count(0, pos, boundary) == boundary - pos:
             return True
-        sector += _SECTOR
-    return False
+        pos = boundary
 
 
 def _write_all(fd: int, buf: bytearray) -> None:

@@ -65,15 +65,18 @@ class HttpMvcckv(MvcckvProcess):
 
     def _launch(self) -> None:
         super()._launch()
-        # gRPC answers first; the HTTP listeners start right after.
+        # gRPC answers first; the HTTP listeners start right after, each
+        # on its own, so both are waited for.
         deadline = time.monotonic() + TIMEOUT
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.http_port), timeout=0.5):
-                    return
-            except OSError:
-                time.sleep(0.02)
-        self._fail("HTTP listener not up")
+        for name, port in (("HTTP", self.http_port), ("metrics", self.metrics_port)):
+            while True:
+                try:
+                    with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                        break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        self._fail(f"{name} listener not up")
+                    time.sleep(0.02)
 
 
 @dataclass

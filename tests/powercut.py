@@ -15,9 +15,9 @@ losing power at that instant:
 * ``torn``: what was fsynced, plus a random subset of the 4 KiB pages
   written since the last sync, each with its newest content (the page
   cache writes dirty pages back in any order, and any of them may have
-  reached the disk before the cut); a file that grew since its sync keeps
-  either its synced length or its new one, the pages that did not make it
-  reading as zeros.
+  reached the disk before the cut); a file written past its synced
+  length keeps either that length or its new one, the pages that did not
+  make it reading as zeros.
 
 Namespace changes (create, rename, unlink) count as durable at once (see
 the shim); directories are taken from the live tree.
@@ -116,6 +116,13 @@ class Disk:
 
     @staticmethod
     def _tear(data: bytearray, live: Path, pages: set[int], rng: random.Random, stats: dict) -> None:
+        if not pages:
+            # Nothing written since the sync.  The live file can still differ
+            # from the synced copy when the child was frozen inside a rename,
+            # between the real one and the shadow's: the name then holds
+            # another file, and this one's synced copy is what the disk has
+            # (growing it with zeros would invent a write that never was).
+            return
         current = live.read_bytes()
         if len(current) > len(data) and rng.random() < 0.5:
             data.extend(bytes(len(current) - len(data)))

@@ -87,6 +87,32 @@ def _power_loop(tmp_path: Path, cuts: int, budget: float, modes=("torn", "torn",
     return model
 
 
+def test_the_simulator_tears_only_what_was_written_since_the_sync(tmp_path):
+    """A file whose name was replaced by a rename the shadow has not caught
+    up with (the child frozen inside the rename) is on disk as last synced,
+    never grown with zeros; a file written past its synced length keeps
+    that length or the new one, with written pages or zeros after it."""
+    root, work = tmp_path / "root", tmp_path / "work"
+    root.mkdir()
+    (root / "renamed").write_bytes(b"old record")
+    (root / "grown").write_bytes(b"a" * 100)
+    disk = Disk(tmp_path / "unused.so", root, work)
+    (root / "renamed").write_bytes(b"a newer and longer record")  # shadow and journal untouched
+    (root / "grown").write_bytes(b"a" * 100 + b"b" * 9000)
+    disk.journal.write_bytes(b"W grown 100 9000\n")
+    lengths = set()
+    for seed in range(40):
+        for mode in ("torn", "drop"):
+            disk.cut(mode, random.Random(seed), work / "image")
+            assert (work / "image" / "renamed").read_bytes() == b"old record"
+            grown = (work / "image" / "grown").read_bytes()
+            assert grown[:100] == b"a" * 100
+            assert all(grown[p : p + 4096] in (b"\0" * len(grown[p : p + 4096]), (b"a" * 100 + b"b" * 9000)[p : p + 4096]) for p in range(4096, len(grown), 4096))
+            lengths.add((mode, len(grown)))
+    # A torn file may also end where its last kept page ends.
+    assert {("drop", 100), ("torn", 100), ("torn", 9100)} <= lengths <= {("drop", 100), ("torn", 100), ("torn", 4096), ("torn", 8192), ("torn", 9100)}
+
+
 def test_power_cut_loses_no_acknowledged_write(tmp_path):
     _power_loop(tmp_path, cuts=24, budget=40.0)
 

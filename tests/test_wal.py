@@ -332,11 +332,12 @@ def test_damage_table(tmp_path, name, damage, kept):
         assert seg.read_bytes() == original[: offs[kept]]
 
 
-@pytest.mark.parametrize("gap", [1, 3, 4, 17, 511])
+@pytest.mark.parametrize("gap", [1, 3, 4, 17, 400])
 @pytest.mark.parametrize("payload_bytes", [1, 254, 65533, 2**24 - 5])  # packed: 3, 2**8, 2**16, 2**24 bytes
 def test_a_valid_record_after_zeros_is_found_whatever_its_length(tmp_path, gap, payload_bytes):
     """The search for a following record must see headers whose first bytes
-    are zero.  (Gaps too short to hold a whole zero sector: see the next test.)"""
+    are zero.  (Every gap here ends before the first sector boundary, so it
+    is not torn writeback: see the next tests.)"""
     with WAL.open(tmp_path) as wal:
         wal.append(1, b"a")
         wal.append(1, b"b")
@@ -374,6 +375,63 @@ def test_a_page_lost_to_torn_writeback_is_a_torn_tail(tmp_path, caplog):
     data = bytearray(seg.read_bytes())
     data[4096:8192] = random.Random(1).randbytes(4096)
     seg.write_bytes(bytes(data))
+    with pytest.raises(WALCorruptError, match="a valid record follows"):
+        WAL.open(tmp_path)
+
+
+@pytest.mark.parametrize("start_in_sector", [4, 300, 500])
+def test_zeros_from_a_record_to_the_sector_boundary_are_torn_writeback(tmp_path, caplog, start_in_sector):
+    """The page holding a record's start was written back before the record
+    was appended (so it reads as zeros from there to its end), the next page
+    after it.  The zeros run from the record's start to the sector boundary
+    only, less than a whole sector: still a tear, cut with a warning."""
+    with WAL.open(tmp_path) as wal:
+        first = b"x" * (4096 + start_in_sector - HEADER_BYTES - 3)  # 3: msgpack's bin16 header
+        wal.append(1, first)  # so record 2 starts at 4096 + start_in_sector
+        wal.append(1, b"y" * 600)  # record 2 crosses the sector boundary at 4608
+        wal.append(1, b"z" * 40)
+    (seg,) = _segments(tmp_path)
+    data = bytearray(seg.read_bytes())
+    offs = _offsets_of(bytes(data))
+    assert offs[1] == 4096 + start_in_sector
+    data[offs[1] : 4608] = bytes(4608 - offs[1])
+    seg.write_bytes(bytes(data))
+    caplog.set_level(logging.WARNING, logger="mvcckv.wal")
+    records, last = _replayed(tmp_path)
+    assert last == 1 and [p for _, _, p in records] == [first]
+    assert "torn writeback" in caplog.text
+    assert seg.stat().st_size == offs[1]
+
+
+def test_zeros_inside_a_record_that_stop_short_of_a_boundary_are_corruption(tmp_path):
+    """Zeros that a valid record follows within the same sector are not
+    what a lost sector leaves (it reads as zeros up to its end): refused."""
+    with WAL.open(tmp_path) as wal:
+        wal.append(1, b"a" * 20)
+        wal.append(1, b"b" * 100)
+        wal.append(1, b"c" * 20)
+    (seg,) = _segments(tmp_path)
+    data = bytearray(seg.read_bytes())
+    offs = _offsets_of(bytes(data))
+    data[offs[1] : offs[2]] = bytes(offs[2] - offs[1])
+    seg.write_bytes(bytes(data))
+    before = _snapshot(tmp_path)
+    with pytest.raises(WALCorruptError, match=f"offset {offs[1]}: zero length, and a valid record follows at offset {offs[2]}"):
+        WAL.open(tmp_path)
+    assert _snapshot(tmp_path) == before
+
+
+def test_zeros_before_the_expected_record_are_corruption_even_up_to_a_boundary(tmp_path):
+    """Zeros up to a sector boundary followed by the very record expected at
+    their start: bytes were inserted, not lost (an appending writer put that
+    record where the zeros begin), so the log is refused."""
+    with WAL.open(tmp_path) as wal:
+        wal.append(1, b"a" * 20)
+        wal.append(1, b"b" * 20)
+    (seg,) = _segments(tmp_path)
+    data = seg.read_bytes()
+    offs = _offsets_of(data)
+    seg.write_bytes(data[: offs[1]] + bytes(600) + data[offs[1] :])
     with pytest.raises(WALCorruptError, match="a valid record follows"):
         WAL.open(tmp_path)
 
