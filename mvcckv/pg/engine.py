@@ -438,7 +438,10 @@ class PgEngine(Admission, AuthAdmin):
             # stall every other one for long.
             " -c idle_in_transaction_session_timeout=60000"
         )
-        return f"{given} {ours}".strip()
+        # Statements of a few milliseconds at most: JIT compilation (set
+        # off by a cost estimate, 6-300 ms per execution) never pays.  The
+        # connection string's own options come after, so they can turn it on.
+        return f"-c jit=off {given} {ours}".strip()
 
     def _connect_kwargs(self, role: str, autocommit: bool = True) -> dict:
         return {

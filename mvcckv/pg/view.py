@@ -171,10 +171,16 @@ def _read_sql(kind: str | None, total: bool, rows: bool) -> str:
         count = "0::bigint"
     else:
         count = f"({_count(_WHERE[kind], _AT)})" if total else "NULL::bigint"
-    # OFFSET 0 keeps the one-row meta subquery from being pulled up into
-    # the join, which would evaluate the count once per row.
+    # LIMIT 1 keeps the one-row meta subquery from being pulled up into
+    # the join, which would evaluate the count once per row, and tells the
+    # planner it is one row.  Until ``meta`` is first analyzed PostgreSQL
+    # guesses ~118 rows per page (at least 10 pages), and that guess
+    # multiplies the cost of the lateral join: with OFFSET 0 a range over
+    # 100,000 rows (or a point read once meta reached ~100 pages) passed
+    # jit_above_cost and each execution spent 7-15 ms compiling (~0.05 ms
+    # running), a range with a count over 200 ms.
     meta = f"""SELECT revision, compact_revision, (SELECT 2 * revision + enabled::int FROM auth_meta) AS auth,
-        {count} AS total FROM meta m OFFSET 0"""
+        {count} AS total FROM meta m LIMIT 1"""
     if not rows:
         return f"SELECT *, NULL, NULL, NULL, NULL, NULL, NULL, NULL FROM ({meta}) m"
     return f"SELECT * FROM ({meta}) m LEFT JOIN LATERAL ({_TOTAL_AND_ROWS[kind][1]}) r ON true"
