@@ -685,11 +685,12 @@ def test_serves_on_either_event_loop(tmp_path, loop):
 
 @pytest.mark.parametrize("args, want", [
     ([], "threads"),
-    (["--backend", "postgresql://127.0.0.1/x"], "aio"),
+    (["--backend", "postgresql://127.0.0.1/x"], "threads"),
+    (["--backend", "postgresql://127.0.0.1/x", "--grpc-server", "aio"], "aio"),
     (["--backend", "postgresql://127.0.0.1/x", "--grpc-server", "threads"], "threads"),
     (["--grpc-server", "aio"], "aio"),
 ])
-def test_grpc_server_auto_picks_by_engine(args, want):
+def test_grpc_server_auto_is_threads_on_either_engine(args, want):
     from mvcckv.cli import build_parser
     from mvcckv.server.config import Config
 
