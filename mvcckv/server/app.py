@@ -1,10 +1,10 @@
 """The ``mvcckv serve`` process: one gRPC server in front of one store.
 
 The server is grpcio's thread server (``--grpc-server threads``, the
-default with the LMDB store; ``threaded.py``): KV's Range, Put, DeleteRange and Txn and
+default; ``threaded.py``): KV's Range, Put, DeleteRange and Txn and
 Lease's Grant and Revoke run on its threads, every other method on the
-event loop; or grpc.aio's server, with
-every call on the loop (``--grpc-server aio``, the default with PostgreSQL).
+event loop; or grpc.aio's server, with every call on the loop
+(``--grpc-server aio``).
 
 Life cycle::
 
