@@ -1104,3 +1104,18 @@ def test_read_statements_are_costed_as_cheap_on_a_big_table(postgres_bindir):
                 statement, params = read_statement(key, end, 0, limit, count_only)
                 plan = admin.execute("EXPLAIN (FORMAT JSON) " + statement, params).fetchone()[0]
                 assert plan[0]["Plan"]["Total Cost"] < threshold, name
+
+
+@pytest.mark.parametrize("mode", ["fast", "immediate"])
+def test_the_first_puts_after_a_postgres_restart_succeed(own_postgres, open_pg, mode):
+    """The writer's connection died with the restart while it was idle: the
+    next batch of plain puts (one put_many call in autocommit) must go out
+    on a fresh connection, not fail as "may or may not have been applied"
+    on the dead one."""
+    engine = open_pg(server=own_postgres)
+    assert engine.put(b"k", b"before").header.revision == 2
+    own_postgres.restart(mode)
+    assert engine.put(b"k", b"after").header.revision == 3
+    txn = engine.txn([], [ops.put("t", "1")], [])
+    assert txn.header.revision == 4
+    assert engine.get(b"k").value == b"after"

@@ -90,6 +90,7 @@ import logging
 import queue
 import re
 import secrets
+import select
 import tempfile
 import threading
 from concurrent.futures import Future
@@ -657,6 +658,8 @@ class PgEngine(Admission, AuthAdmin):
 
     def _write_batch(self, conn: psycopg.Connection | None, batch) -> psycopg.Connection | None:
         """One transaction for ``batch``; returns the connection to reuse."""
+        if _gone(conn):
+            conn = _close(conn)
         if all(_is_plain_put(kind, req) for kind, req, _ in batch):
             return self._write_puts(conn, batch)
         for attempt in range(2):
@@ -1509,6 +1512,27 @@ def _close(conn: psycopg.Connection | None) -> None:
     if conn is not None:
         conn.close()
     return None
+
+
+def _gone(conn: psycopg.Connection | None) -> bool:
+    """Whether the writer's idle connection is closed or on its way out.
+
+    An idle connection of the writer's expects nothing from the server (it
+    does not LISTEN), so a readable socket means the server sent what it
+    sends before it goes away: a FATAL "terminating connection" on a fast
+    shutdown, or end of file after a crash.  Finding that out before a
+    write is what lets the write go out on a fresh connection: sent on the
+    dead one, its fate could not be told (an autocommit ``put_many``
+    commits with the statement).  A needless reconnect (the server reports
+    a setting changed by a reload) costs one connection, nothing more.
+    """
+    if conn is None or conn.closed:
+        return True
+    try:
+        readable, _, _ = select.select([conn.fileno()], [], [], 0)
+    except (OSError, ValueError):
+        return True
+    return bool(readable)
 
 
 def _one_line(e: BaseException | None) -> str:
