@@ -378,6 +378,13 @@ class PgEngine(Admission, AuthAdmin):
         where = f"PostgreSQL at {describe_dsn(dsn)}, schema {schema}"
         try:
             with self._connect("setup") as conn:
+                if conn.info.server_version >= 110000:
+                    # Statements of a few milliseconds at most: JIT
+                    # compilation (set off by a cost estimate, 6-300 ms per
+                    # execution) never pays.  Before the connection string's
+                    # own options, so those can turn it on; PostgreSQL
+                    # before 11 has no such setting and would refuse it.
+                    self._server_options = f"-c jit=off {self._server_options}"
                 migrate(conn, schema)
                 self._refresh(conn.cursor())
             self._feed = ChangeFeed(
@@ -439,10 +446,7 @@ class PgEngine(Admission, AuthAdmin):
             # stall every other one for long.
             " -c idle_in_transaction_session_timeout=60000"
         )
-        # Statements of a few milliseconds at most: JIT compilation (set
-        # off by a cost estimate, 6-300 ms per execution) never pays.  The
-        # connection string's own options come after, so they can turn it on.
-        return f"-c jit=off {given} {ours}".strip()
+        return f"{given} {ours}".strip()
 
     def _connect_kwargs(self, role: str, autocommit: bool = True) -> dict:
         return {
