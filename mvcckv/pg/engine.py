@@ -667,7 +667,7 @@ class PgEngine(Admission, AuthAdmin):
         if all(_is_plain_put(kind, req) for kind, req, _ in batch):
             return self._write_puts(conn, batch)
         for attempt in range(2):
-            fresh = conn is None or conn.closed
+            fresh = conn is None  # none yet, or a dead one closed (above, or by attempt 1)
             if fresh:
                 try:
                     conn = self._connect_writer()
@@ -711,7 +711,7 @@ class PgEngine(Admission, AuthAdmin):
         """A batch of plain puts: one ``put_many`` call (schema.py) in
         autocommit, so one round trip writes and commits them all; each is
         answered after the COMMIT, as in a batch of any other kind."""
-        if conn is None or conn.closed:
+        if conn is None:  # none yet, or _write_batch closed a dead one
             try:
                 conn = self._connect_writer()
             except psycopg.Error as e:
